@@ -1,0 +1,203 @@
+"""What rsnap knows about cargo: where things are, and which files in them matter.
+
+Everything is discovered the way cargo discovers it (`cargo metadata`, env, config),
+never assumed. Both target layouts are understood:
+  legacy: <profile>/{.fingerprint,deps,build,incremental}/<name>-<hash16>…
+  v2:     <profile>/build/<pkg>/<hash>/{fingerprint,out,run}/…
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RsnapError, EXIT_WORKSPACE
+
+# Files cargo recreates or uses as locks; never saved, never restored, never deleted.
+EXCLUDED_TARGET_NAMES = {".rustc_info.json", ".rustc-info.json", ".cargo-lock", ".cargo-build-lock"}
+RSNAP_DIR = ".rsnap"  # rsnap's own state inside each root; never part of a snapshot
+
+# Subtrees of $CARGO_HOME that a snapshot carries. registry/src is added per crate
+# only where a build script's rerun-if-changed points into it (see cargo_home_src_dirs).
+CARGO_HOME_TREES = ("registry/index", "registry/cache", "git/db", "git/checkouts")
+CARGO_HOME_EXCLUDED_NAMES = {
+    "credentials", "credentials.toml", ".package-cache", ".package-cache-mutate",
+    ".global-cache", ".crates.toml", ".crates2.json",
+}
+
+_HASH_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
+
+
+@dataclass
+class Workspace:
+    root: Path
+    target_dir: Path
+    build_dir: Path
+    cargo_home: Path
+    manifest_path: Path
+    path_package_dirs: list[Path] = field(default_factory=list)
+    package_dirs_by_name: dict[str, Path] = field(default_factory=dict)
+
+
+def cargo_home() -> Path:
+    env = os.environ.get("CARGO_HOME")
+    if env:
+        return Path(env).absolute()
+    return Path.home() / ".cargo"
+
+
+def run_cargo_metadata(manifest_path: str | None, no_deps: bool) -> dict:
+    cmd = ["cargo", "metadata", "--format-version", "1"]
+    if no_deps:
+        cmd.append("--no-deps")
+    else:
+        cmd.append("--offline")
+    if manifest_path:
+        cmd += ["--manifest-path", manifest_path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RsnapError("cargo was not found on PATH", EXIT_WORKSPACE) from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["cargo metadata failed"])[-1]
+        raise RsnapError(f"cannot read the cargo workspace: {last}", EXIT_WORKSPACE)
+    return json.loads(proc.stdout)
+
+
+def discover(manifest_path: str | None = None, with_deps: bool = False) -> Workspace:
+    """Find workspace root, target dir, build dir and CARGO_HOME as cargo does."""
+    if manifest_path and not Path(manifest_path).is_file():
+        raise RsnapError(f"manifest path {manifest_path} does not exist", EXIT_WORKSPACE)
+    meta = run_cargo_metadata(manifest_path, no_deps=True)
+    if with_deps:
+        try:
+            full = run_cargo_metadata(manifest_path, no_deps=False)
+            meta["packages"] = full["packages"]
+        except RsnapError:
+            pass  # offline resolution failed: workspace members are enough
+    root = Path(meta["workspace_root"])
+    target = Path(meta["target_directory"])
+    build = Path(meta.get("build_directory") or target)
+    ws = Workspace(
+        root=root, target_dir=target, build_dir=build, cargo_home=cargo_home(),
+        manifest_path=Path(manifest_path).absolute() if manifest_path else root / "Cargo.toml",
+    )
+    for pkg in meta["packages"]:
+        if pkg.get("source") is None:
+            d = Path(pkg["manifest_path"]).parent
+            ws.path_package_dirs.append(d)
+            ws.package_dirs_by_name.setdefault(pkg["name"], d)
+    return ws
+
+
+# ---------------------------------------------------------------- target paths
+
+def is_excluded_target_path(rel: str) -> bool:
+    parts = rel.split("/")
+    return parts[0] == RSNAP_DIR or parts[-1] in EXCLUDED_TARGET_NAMES
+
+
+def is_fingerprint_path(rel: str) -> bool:
+    """Files cargo reads to decide freshness. Restore writes them last."""
+    parts = rel.split("/")
+    if ".fingerprint" in parts:
+        return True
+    # v2 layout: <profile>/build/<pkg>/<hash>/fingerprint/...
+    for i, p in enumerate(parts[:-1]):
+        if p == "fingerprint" and i >= 3 and parts[i - 3] == "build":
+            return True
+    return False
+
+
+def split_hashed_name(name: str) -> tuple[str, str] | None:
+    """'serde-0a1b2c3d4e5f6071' -> ('serde', '0a1b2c3d4e5f6071')."""
+    m = _HASH_SUFFIX.match(name)
+    return (m.group("name"), m.group("hash")) if m else None
+
+
+def is_cargo_home_excluded(rel: str) -> bool:
+    return rel.split("/")[-1] in CARGO_HOME_EXCLUDED_NAMES or rel.split("/")[0] == RSNAP_DIR
+
+
+# ---------------------------------------------------------------- dep-info & build outputs
+
+def parse_makefile_depinfo(text: str) -> list[str]:
+    """Dependency paths of a rustc `.d` file (Makefile syntax, `\\ ` escapes spaces)."""
+    paths: list[str] = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        colon = _unescaped_colon(line)
+        if colon < 0:
+            continue
+        deps = line[colon + 1:]
+        paths.extend(_split_escaped(deps))
+    return paths
+
+
+def _unescaped_colon(line: str) -> int:
+    # A target path may contain ':' only on Windows drive letters; rsnap runs on unix.
+    i = line.find(": ")
+    if i < 0 and line.endswith(":"):
+        return len(line) - 1
+    return i
+
+
+def _split_escaped(s: str) -> list[str]:
+    out, cur, i = [], [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] == " ":
+            cur.append(" ")
+            i += 2
+            continue
+        if c == " ":
+            if cur:
+                out.append("".join(cur))
+                cur = []
+        else:
+            cur.append(c)
+        i += 1
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+_RERUN = re.compile(r"^cargo::?rerun-if-changed=(.*)$")
+
+
+def rerun_if_changed_paths(output_text: str) -> list[str]:
+    return [m.group(1).strip() for line in output_text.splitlines() if (m := _RERUN.match(line.strip()))]
+
+
+def iter_depinfo_files(root: Path):
+    """rustc `.d` files anywhere under a target/build dir."""
+    for dirpath, dirs, files in os.walk(root):
+        if RSNAP_DIR in dirs and Path(dirpath) == root:
+            dirs.remove(RSNAP_DIR)
+        if "incremental" in dirs:
+            dirs.remove("incremental")
+        for fn in files:
+            if fn.endswith(".d"):
+                yield Path(dirpath) / fn
+
+
+def iter_build_script_outputs(root: Path):
+    """(package name, output file) of every build-script run, both layouts."""
+    for dirpath, dirs, files in os.walk(root):
+        if "incremental" in dirs:
+            dirs.remove("incremental")
+        if ".fingerprint" in dirs:
+            dirs.remove(".fingerprint")
+        if "output" not in files:
+            continue
+        d = Path(dirpath)
+        if d.parent.name == "build":                       # legacy build/<pkg>-<hash>/output
+            named = split_hashed_name(d.name)
+            if named:
+                yield named[0], d / "output"
+        elif d.name == "run" and d.parent.parent.parent.name == "build":  # v2 build/<pkg>/<hash>/run/output
+            yield d.parent.parent.name, d / "output"

@@ -1,0 +1,234 @@
+"""Command-line interface (typer). Every command: --help, --json, documented exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import typer
+
+from . import __version__, keys, repo, snapshot
+from .cargo_layout import discover, RSNAP_DIR
+from .errors import RsnapError, StoreError, EXIT_USAGE
+from .progress import human_bytes
+from .store import open_store, default_store_url
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Incremental Rust CI builds: snapshot target/ and CARGO_HOME, restore them with mtime normalization.\n\n"
+                       "Typical CI use:  rsnap restore && cargo build && rsnap save")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the snapshot store.")
+app.add_typer(store_app, name="store")
+
+StoreOpt = typer.Option(None, "--store", envvar="RSNAP_STORE",
+                        help="Store path or file:// URL. Default: $XDG_CACHE_HOME/rsnap or ~/.cache/rsnap.")
+KeyOpt = typer.Option(None, "--key", envvar="RSNAP_KEY", help="Snapshot key. Default: derived (see `rsnap key`).")
+RestoreKeyOpt = typer.Option(None, "--restore-key", help="Key prefix to fall back to on an exact miss (repeatable, tried in order).")
+ManifestOpt = typer.Option(None, "--manifest-path", help="Path to Cargo.toml (default: cargo's discovery from the cwd).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
+
+
+def _emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    elif not quiet:
+        sys.stderr.write(text.rstrip() + "\n")
+
+
+def _key_and_inputs(ws, key: Optional[str]):
+    inputs = keys.key_inputs(ws)
+    return (keys.validate_key(key) if key else keys.default_key(inputs)), inputs
+
+
+@app.command()
+def restore(
+    store: Optional[str] = StoreOpt, key: Optional[str] = KeyOpt,
+    restore_key: Optional[List[str]] = RestoreKeyOpt, manifest_path: Optional[str] = ManifestOpt,
+    allow_relocate: bool = typer.Option(
+        False, "--allow-relocate",
+        help="Restore a snapshot taken at another workspace path or CARGO_HOME. RISK: cargo will rebuild "
+             "most crates anyway, and crates that embed env!(\"CARGO_MANIFEST_DIR\") or OUT_DIR may keep "
+             "the old path and be stale. Off by default: such snapshots count as a miss."),
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Restore the newest matching snapshot into the target dir and CARGO_HOME.
+
+    A miss exits 0 so `rsnap restore && cargo build && rsnap save` works on the first run.
+    """
+    started = time.monotonic()
+    ws = discover(manifest_path)
+    k, inputs = _key_and_inputs(ws, key)
+    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
+    try:
+        st = open_store(store, create=False)
+    except StoreError as e:
+        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)")
+    name, kind = repo.find_snapshot(st, k, prefixes)
+    if name is None:
+        return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch")
+    m = repo.read_manifest(st, name)
+    if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
+        return _miss(as_json, quiet, base, started,
+                     f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
+                     "treated as a miss (see --allow-relocate)")
+    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
+        was_interrupted = snapshot.restore_interrupted(ws)
+        out = snapshot.restore(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
+              "repaired_interrupted_restore": was_interrupted, **out,
+              "seconds": round(time.monotonic() - started, 3)}
+    _emit(as_json, result,
+          f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
+          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
+          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
+          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
+
+
+def _miss(as_json, quiet, base, started, message):
+    data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
+            "seconds": round(time.monotonic() - started, 3)}
+    _emit(as_json, data, f"rsnap: miss: {message}", quiet)
+
+
+@app.command()
+def save(
+    store: Optional[str] = StoreOpt, key: Optional[str] = KeyOpt,
+    manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Save the target dir and CARGO_HOME caches as a snapshot; only new content is written."""
+    ws = discover(manifest_path, with_deps=True)
+    k, inputs = _key_and_inputs(ws, key)
+    st = open_store(store)
+    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
+        if snapshot.restore_interrupted(ws):
+            raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
+                             "(or delete the target dir) before saving", EXIT_USAGE)
+        out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
+                            progress=None if not (as_json or quiet) else False)
+    _emit(as_json, {**out, "store": st.url},
+          f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
+          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
+
+
+@app.command()
+def key(manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt):
+    """Print the default snapshot key and the inputs it was derived from."""
+    ws = discover(manifest_path)
+    inputs = keys.key_inputs(ws)
+    k = keys.default_key(inputs)
+    if as_json:
+        print(json.dumps({"key": k, "restore_prefix": keys.family_prefix(inputs), "inputs": inputs}, sort_keys=True))
+    else:
+        print(k)
+        print(f"# fallback prefix: {keys.family_prefix(inputs)}")
+        for name, value in inputs.items():
+            if isinstance(value, str) and "\n" in value:
+                value = value.strip().splitlines()[0] + " ..."
+            print(f"# {name}: {value}")
+
+
+@app.command()
+def status(
+    store: Optional[str] = StoreOpt, key: Optional[str] = KeyOpt,
+    restore_key: Optional[List[str]] = RestoreKeyOpt, manifest_path: Optional[str] = ManifestOpt,
+    as_json: bool = JsonOpt,
+):
+    """Show what a restore would do and what the target dir holds."""
+    ws = discover(manifest_path)
+    k, inputs = _key_and_inputs(ws, key)
+    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
+            "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
+            "interrupted_restore": snapshot.restore_interrupted(ws)}
+    files, size = 0, 0
+    for dirpath, _dirs, fns in os.walk(ws.target_dir):
+        for fn in fns:
+            try:
+                size += os.lstat(os.path.join(dirpath, fn)).st_size
+                files += 1
+            except OSError:
+                pass
+    data["target_files"], data["target_bytes"] = files, size
+    try:
+        st = open_store(store, create=False)
+        name, kind = repo.find_snapshot(st, k, prefixes)
+    except StoreError as e:
+        name, kind, data["store_error"] = None, "miss", str(e)
+    data["would_restore"] = {"result": kind, "snapshot": name}
+    if name:
+        m = repo.read_manifest(st, name)
+        data["would_restore"].update(files=m.file_count(), bytes=m.total_size(),
+                                     relocated=(m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)))
+    if as_json:
+        print(json.dumps(data, sort_keys=True))
+    else:
+        for k2, v in data.items():
+            print(f"{k2}: {v}")
+
+
+@store_app.command("ls")
+def store_ls(store: Optional[str] = StoreOpt, prefix: str = typer.Option("", "--prefix", help="Only keys starting with this."),
+             as_json: bool = JsonOpt):
+    """List snapshots in the store, newest first."""
+    st = open_store(store, create=False)
+    rows = []
+    for name, k, created in repo.list_snapshots(st, prefix):
+        rows.append({"snapshot": name, "key": k, "created": _iso(created), "manifest_bytes": st.size(name)})
+    if as_json:
+        print(json.dumps({"store": st.url, "snapshots": rows}, sort_keys=True))
+    else:
+        for r in rows:
+            print(f"{r['created']}  {r['key']}  {r['snapshot']}")
+        if not rows:
+            print("(no snapshots)", file=sys.stderr)
+
+
+@store_app.command("prune")
+def store_prune(store: Optional[str] = StoreOpt,
+                keep: int = typer.Option(1, "--keep", min=1, help="Snapshots to keep per key."),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
+                as_json: bool = JsonOpt):
+    """Delete old snapshots (keeping --keep per key) and packs no snapshot references."""
+    from . import prune
+    st = open_store(store, create=False)
+    out = prune.prune(st, keep=keep, dry_run=dry_run)
+    _emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
+                        f"({human_bytes(out['bytes_freed'])}){' (dry run)' if dry_run else ''}")
+
+
+def _iso(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        print(f"rsnap {__version__}")
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RsnapError as e:
+        print(f"rsnap: error: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        print("rsnap: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user gets one line, developers set RSNAP_DEBUG
+        if os.environ.get("RSNAP_DEBUG"):
+            raise
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        print(f"rsnap: internal error: {type(e).__name__}: {e} (set RSNAP_DEBUG=1 for a traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,28 @@
+"""Error type carrying the exit code the CLI reports (see README, "Exit codes")."""
+
+EXIT_OK = 0
+EXIT_ERROR = 1          # generic failure
+EXIT_USAGE = 2          # bad option or argument (typer uses 2 too)
+EXIT_STORE = 3          # store missing, unreadable, corrupt or unwritable
+EXIT_WORKSPACE = 4      # cargo workspace / target dir problem
+EXIT_FORMAT = 5         # manifest from a newer rsnap or malformed
+EXIT_LOCKED = 6         # another rsnap or cargo holds the lock
+EXIT_NOSPACE = 7        # disk full
+
+
+class RsnapError(Exception):
+    """An expected failure: the CLI prints `rsnap: <message>` and exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+class StoreError(RsnapError):
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_STORE)
+
+
+class FormatError(RsnapError):
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_FORMAT)

@@ -1,0 +1,174 @@
+"""Snapshot manifest: what a snapshot contains, serialized as zstd-compressed JSON.
+
+A manifest lists, per root (target dir, build dir, $CARGO_HOME subset), every entry
+as [relpath, type, mode, size, mtime_ns, digest]; `digest` is the xxh3-128 of a
+file's content, a symlink's target, or "" for a directory. `blobs` maps each digest
+to its location [pack, offset, compressed_len, size]. `sources` records the files
+cargo's freshness checks read: [path, type, size, mtime_ns, digest], path relative
+to the workspace root (absolute when outside it).
+
+Readers validate everything before a single byte is written (hostile input).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import zstandard
+
+from .errors import FormatError
+
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 2 << 30
+MAX_FILE_SIZE = 1 << 40
+_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+_PACK = re.compile(r"^[0-9a-f]{32}$")
+
+FILE, DIR, LINK = "f", "d", "l"
+
+
+@dataclass
+class Entry:
+    path: str
+    type: str
+    mode: int
+    size: int
+    mtime_ns: int
+    digest: str  # content hash, link target, or "" for directories
+
+    def to_list(self):
+        return [self.path, self.type, self.mode, self.size, self.mtime_ns, self.digest]
+
+
+@dataclass
+class Root:
+    name: str          # "target", "build" or "cargo_home"
+    path: str          # absolute path at save time
+    entries: list[Entry] = field(default_factory=list)
+    merge: bool = False  # restore only adds/updates (shared $CARGO_HOME), never removes
+
+
+@dataclass
+class Manifest:
+    key: str
+    created_ns: int
+    workspace_root: str
+    cargo_home: str
+    rsnap_version: str
+    key_inputs: dict
+    roots: list[Root]
+    sources: list[list]
+    source_dirs: list[str]
+    blobs: dict[str, list]
+    format: int = FORMAT_VERSION
+
+    def root(self, name: str) -> Root | None:
+        return next((r for r in self.roots if r.name == name), None)
+
+    def total_size(self) -> int:
+        return sum(e.size for r in self.roots for e in r.entries if e.type == FILE)
+
+    def file_count(self) -> int:
+        return sum(1 for r in self.roots for e in r.entries if e.type == FILE)
+
+
+def dumps(m: Manifest) -> bytes:
+    doc = {
+        "format": m.format, "rsnap_version": m.rsnap_version, "key": m.key,
+        "created_ns": m.created_ns, "workspace_root": m.workspace_root,
+        "cargo_home": m.cargo_home, "key_inputs": m.key_inputs,
+        "roots": [{"name": r.name, "path": r.path, "merge": r.merge,
+                   "entries": [e.to_list() for e in r.entries]} for r in m.roots],
+        "sources": m.sources, "source_dirs": m.source_dirs, "blobs": m.blobs,
+    }
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return zstandard.ZstdCompressor(level=6).compress(raw)
+
+
+def loads(data: bytes) -> Manifest:
+    """Parse and fully validate a manifest; raise FormatError on anything suspicious."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
+        doc = json.loads(raw)
+    except (zstandard.ZstdError, ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"snapshot manifest is corrupt ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise FormatError("snapshot manifest is not an object")
+    fmt = doc.get("format")
+    if not isinstance(fmt, int):
+        raise FormatError("snapshot manifest has no format version")
+    if fmt > FORMAT_VERSION:
+        raise FormatError(
+            f"snapshot was written by a newer rsnap (format {fmt}, this rsnap reads {FORMAT_VERSION}); upgrade rsnap")
+    try:
+        return _build(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise FormatError(f"snapshot manifest is malformed ({e})") from None
+
+
+def _build(doc: dict) -> Manifest:
+    blobs = doc["blobs"]
+    _require(isinstance(blobs, dict), "blobs must be an object")
+    for digest, loc in blobs.items():
+        _require(_DIGEST.match(digest), f"bad blob digest {digest!r}")
+        _require(isinstance(loc, list) and len(loc) == 4, "bad blob location")
+        pack, off, clen, size = loc
+        _require(isinstance(pack, str) and _PACK.match(pack), "bad pack id")
+        for n in (off, clen, size):
+            _require(isinstance(n, int) and 0 <= n <= MAX_FILE_SIZE, "bad blob offset or size")
+    roots = []
+    for r in doc["roots"]:
+        _require(r["name"] in ("target", "build", "cargo_home"), f"unknown root {r['name']!r}")
+        entries = [_entry(e, blobs) for e in r["entries"]]
+        roots.append(Root(name=r["name"], path=str(r["path"]), entries=entries, merge=bool(r.get("merge"))))
+    sources = doc.get("sources", [])
+    for s in sources:
+        _require(isinstance(s, list) and len(s) == 5 and isinstance(s[0], str), "bad source record")
+    return Manifest(
+        format=doc["format"], rsnap_version=str(doc.get("rsnap_version", "?")), key=str(doc["key"]),
+        created_ns=int(doc["created_ns"]), workspace_root=str(doc["workspace_root"]),
+        cargo_home=str(doc["cargo_home"]), key_inputs=dict(doc.get("key_inputs", {})),
+        roots=roots, sources=sources, source_dirs=[str(d) for d in doc.get("source_dirs", [])],
+        blobs=blobs,
+    )
+
+
+def _entry(raw, blobs: dict) -> Entry:
+    _require(isinstance(raw, list) and len(raw) == 6, "bad entry")
+    path, typ, mode, size, mtime_ns, digest = raw
+    check_relpath(path)
+    _require(typ in (FILE, DIR, LINK), f"bad entry type {typ!r} for {path}")
+    _require(isinstance(mode, int) and 0 <= mode <= 0o7777, f"bad mode for {path}")
+    _require(isinstance(size, int) and 0 <= size <= MAX_FILE_SIZE, f"bad size for {path}")
+    _require(isinstance(mtime_ns, int) and 0 <= mtime_ns < 1 << 63, f"bad mtime for {path}")
+    _require(isinstance(digest, str), f"bad digest for {path}")
+    if typ == FILE:
+        _require(digest in blobs, f"no blob for {path}")
+        _require(blobs[digest][3] == size, f"size mismatch for {path}")
+    elif typ == LINK:
+        check_link_target(path, digest)
+    return Entry(path, typ, mode & 0o777, size, mtime_ns, digest)
+
+
+def check_relpath(path) -> None:
+    _require(isinstance(path, str) and path, "empty path")
+    _require("\x00" not in path and "\\" not in path, f"bad character in path {path!r}")
+    _require(not path.startswith("/"), f"absolute path {path!r} in snapshot")
+    _require(posixpath.normpath(path) == path, f"unnormalized path {path!r} in snapshot")
+    _require(".." not in path.split("/"), f"path {path!r} escapes its root")
+
+
+def check_link_target(path: str, target: str) -> None:
+    """A symlink must stay inside its root: relative, and not climbing above it."""
+    _require(target and not target.startswith("/") and "\x00" not in target,
+             f"symlink {path} points outside its root")
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    _require(joined != ".." and not joined.startswith("../") and not joined.startswith("/"),
+             f"symlink {path} points outside its root")
+
+
+def _require(cond, message: str) -> None:
+    if not cond:
+        raise FormatError(f"snapshot manifest rejected: {message}")

@@ -1,0 +1,221 @@
+"""mtime normalization: make cargo's mtime checks see what they saw at save time.
+
+At save, record (path, size, mtime_ns, xxh3-128) of every file cargo's freshness checks
+can read: all files of path packages (dep-info sources, manifests, build-script inputs
+and the max-mtime scan for scripts without rerun-if-changed), plus dep-info and
+rerun-if-changed paths outside them. Directories are recorded too (rerun-if-changed on
+a directory scans it), with a digest of their sorted entry names.
+
+At restore, a file whose content matches gets its recorded mtime back; a file that
+differs, or is new, gets an mtime newer than every restored artifact. So cargo's
+decision after restore equals its decision on the saving machine: never stale.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from . import cargo_layout
+from .scan import hash_file
+
+_SKIP_DIRS = {".git", ".hg", ".svn", cargo_layout.RSNAP_DIR}
+
+
+@dataclass
+class RetimeStats:
+    retimed: int = 0      # content matched, recorded mtime set back
+    kept: int = 0         # content matched, mtime already right
+    bumped: int = 0       # changed or new, made newer than every artifact
+    newer: int = 0        # changed or new, already newer than every artifact
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def _skip_dirs(ws) -> set[Path]:
+    return {ws.target_dir.resolve(), ws.build_dir.resolve()}
+
+
+def _walk_sources(top: Path, skip: set[Path]):
+    """Yield (abs path, is_dir) below top, not following symlinks, skipping target dirs."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        yield d, True, entries
+        for de in entries:
+            if de.is_dir(follow_symlinks=False):
+                p = Path(de.path)
+                if de.name in _SKIP_DIRS or p.resolve() in skip:
+                    continue
+                stack.append(p)
+
+
+def _dir_digest(entries) -> str:
+    return xxhash.xxh3_128_hexdigest("\0".join(sorted(e.name for e in entries)).encode())
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def _resolve(rec_path: str, root: Path) -> Path:
+    return Path(rec_path) if rec_path.startswith("/") else root / rec_path
+
+
+def source_dirs(ws) -> list[Path]:
+    dirs = sorted(set(ws.path_package_dirs) | {ws.root})
+    # drop dirs nested in another listed dir: the outer walk covers them
+    out: list[Path] = []
+    for d in dirs:
+        if not any(d != o and d.is_relative_to(o) for o in dirs):
+            out.append(d)
+    return out
+
+
+def extra_input_paths(ws) -> list[Path]:
+    """dep-info and rerun-if-changed paths outside the path packages, $CARGO_HOME and the sysroot."""
+    covered = source_dirs(ws)
+    skip_under = [ws.cargo_home, _sysroot(), ws.target_dir, ws.build_dir]
+    found: set[Path] = set()
+    for tree in {ws.target_dir, ws.build_dir}:
+        for d in cargo_layout.iter_depinfo_files(tree):
+            try:
+                text = d.read_text(errors="replace")
+            except OSError:
+                continue
+            for p in cargo_layout.parse_makefile_depinfo(text):
+                found.add(Path(os.path.normpath(p if p.startswith("/") else ws.root / p)))
+        for pkg, out in cargo_layout.iter_build_script_outputs(tree):
+            pkg_dir = ws.package_dirs_by_name.get(pkg)
+            if pkg_dir is None:
+                continue  # registry/git packages: their inputs live in $CARGO_HOME
+            try:
+                text = out.read_text(errors="replace")
+            except OSError:
+                continue
+            for p in cargo_layout.rerun_if_changed_paths(text):
+                found.add(Path(os.path.normpath(pkg_dir / p)))
+    return sorted(p for p in found
+                  if not any(p.is_relative_to(c) for c in covered)
+                  and not any(s and p.is_relative_to(s) for s in skip_under)
+                  and p.exists())
+
+
+def _sysroot() -> Path | None:
+    try:
+        out = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True, timeout=60)
+        return Path(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def record_sources(ws) -> tuple[list[list], list[str]]:
+    """[path, type, size, mtime_ns, digest] for every input cargo may check by mtime."""
+    skip = _skip_dirs(ws)
+    records: dict[str, list] = {}
+    tops = source_dirs(ws)
+    for top in tops:
+        for d, _is_dir, entries in _walk_sources(top, skip):
+            _record(records, d, ws.root, entries)
+    for extra in extra_input_paths(ws):
+        if extra.is_dir():
+            for d, _is_dir, entries in _walk_sources(extra, skip):
+                _record(records, d, ws.root, entries)
+        else:
+            _record_file(records, extra, ws.root)
+    return list(records.values()), [_display(t, ws.root) for t in tops]
+
+
+def _record(records, d: Path, root: Path, entries) -> None:
+    try:
+        st = d.stat()
+    except OSError:
+        return
+    name = _display(d, root)
+    records[name] = [name, "d", 0, st.st_mtime_ns, _dir_digest(entries)]
+    for de in entries:
+        if de.is_file(follow_symlinks=False):
+            _record_file(records, Path(de.path), root)
+
+
+def _record_file(records, path: Path, root: Path) -> None:
+    try:
+        st = path.stat()
+        digest = hash_file(path)
+    except OSError:
+        return
+    name = _display(path, root)
+    records[name] = [name, "f", st.st_size, st.st_mtime_ns, digest]
+
+
+def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact_ns: int) -> RetimeStats:
+    """Set recorded mtimes back on unchanged inputs; push changed/new ones past every artifact."""
+    stats = RetimeStats()
+    bump_ns = max(time.time_ns(), newest_artifact_ns + 1_000_000_000)
+    by_name = {s[0]: s for s in sources}
+    seen: set[str] = set()
+    skip = _skip_dirs(ws)
+    tops = {_resolve(d, ws.root) for d in recorded_dirs} | set(source_dirs(ws))
+    for top in sorted(tops):
+        if not top.is_dir():
+            continue
+        for d, _is_dir, entries in _walk_sources(top, skip):
+            for de in entries:
+                if de.is_file(follow_symlinks=False):
+                    name = _display(Path(de.path), ws.root)
+                    if name not in seen:
+                        seen.add(name)
+                        _retime_file(Path(de.path), by_name.get(name), newest_artifact_ns, bump_ns, stats)
+            name = _display(d, ws.root)
+            if name not in seen:
+                seen.add(name)
+                rec = by_name.get(name)
+                matches = rec is not None and rec[1] == "d" and rec[4] == _dir_digest(entries)
+                _retime(d, rec[3] if matches else None, newest_artifact_ns, bump_ns, stats)
+    for name, rec in by_name.items():
+        if name not in seen and rec[1] == "f":
+            path = _resolve(name, ws.root)
+            if path.is_file():
+                _retime_file(path, rec, newest_artifact_ns, bump_ns, stats)
+    return stats
+
+
+def _retime_file(path: Path, rec, newest_artifact_ns: int, bump_ns: int, stats: RetimeStats) -> None:
+    target = None
+    if rec is not None and rec[1] == "f":
+        try:
+            if path.stat().st_size == rec[2] and hash_file(path) == rec[4]:
+                target = rec[3]
+        except OSError:
+            return
+    _retime(path, target, newest_artifact_ns, bump_ns, stats)
+
+
+def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bump_ns: int, stats) -> None:
+    try:
+        st = path.stat()
+        if recorded_mtime is not None:
+            if st.st_mtime_ns == recorded_mtime:
+                stats.kept += 1
+            else:
+                os.utime(path, ns=(st.st_atime_ns, recorded_mtime))
+                stats.retimed += 1
+        elif st.st_mtime_ns <= newest_artifact_ns:
+            os.utime(path, ns=(st.st_atime_ns, bump_ns))
+            stats.bumped += 1
+        else:
+            stats.newer += 1
+    except OSError:
+        pass  # unreadable or vanished: cargo will see it as changed or missing

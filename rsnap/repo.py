@@ -1,0 +1,168 @@
+"""Snapshot repository on top of a store backend (restic-like: packs + snapshots).
+
+Objects:
+  packs/<id[:2]>/<id>          concatenated zstd frames, one per blob; id = xxh3-128 of the pack
+  snapshots/<key>/<created_ns>-<rand>   zstd JSON manifest (written last, atomically)
+
+A blob is located by its manifest's `blobs` table, so a manifest alone is enough to
+restore. Saves dedupe against the blob tables of recent snapshots.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import xxhash
+import zstandard
+
+from . import manifest as mf
+from .errors import StoreError, FormatError
+
+PACK_TARGET = 16 << 20          # close a pack once it holds this many compressed bytes
+ZSTD_LEVEL = 3
+
+
+def digest_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def pack_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+def snapshot_prefix(key: str) -> str:
+    return f"snapshots/{key}"
+
+
+class PackWriter:
+    """Accumulates compressed blobs and flushes full packs to the store."""
+
+    def __init__(self, store):
+        self.store = store
+        self.buf: list[bytes] = []
+        self.pending: list[tuple[str, int, int, int]] = []  # digest, offset, clen, size
+        self.offset = 0
+        self.locations: dict[str, list] = {}
+        self.pending_digests: set[str] = set()
+        self.bytes_written = 0
+        self.packs_written = 0
+
+    def add(self, digest: str, compressed: bytes, size: int) -> None:
+        if digest in self.locations or digest in self.pending_digests:
+            return
+        self.pending_digests.add(digest)
+        self.pending.append((digest, self.offset, len(compressed), size))
+        self.buf.append(compressed)
+        self.offset += len(compressed)
+        if self.offset >= PACK_TARGET:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        data = b"".join(self.buf)
+        pack_id = digest_bytes(data)
+        self.store.put(pack_name(pack_id), data)
+        for digest, off, clen, size in self.pending:
+            self.locations[digest] = [pack_id, off, clen, size]
+        self.bytes_written += len(data)
+        self.packs_written += 1
+        self.buf, self.pending, self.offset = [], [], 0
+        self.pending_digests = set()
+
+
+def compress(data: bytes) -> bytes:
+    threads = 2 if len(data) > (8 << 20) else 0
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads).compress(data)
+
+
+def read_blob(store, loc: list, digest: str, pack_cache: dict | None = None) -> bytes:
+    """Fetch, decompress and verify one blob."""
+    pack_id, off, clen, size = loc
+    raw = None
+    if pack_cache is not None and pack_id in pack_cache:
+        raw = pack_cache[pack_id][off:off + clen]
+    if raw is None:
+        raw = store.get_range(pack_name(pack_id), off, clen)
+    try:
+        data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=max(size, 1))
+    except zstandard.ZstdError:
+        raise StoreError(f"blob {digest} in pack {pack_id} is corrupt") from None
+    if len(data) != size or digest_bytes(data) != digest:
+        raise StoreError(f"blob {digest} in pack {pack_id} is corrupt (content hash mismatch)")
+    return data
+
+
+# ---------------------------------------------------------------- snapshots
+
+def write_manifest(store, m: mf.Manifest) -> str:
+    name = f"{snapshot_prefix(m.key)}/{m.created_ns}-{os.urandom(4).hex()}"
+    store.put(name, mf.dumps(m))
+    return name
+
+
+def read_manifest(store, name: str) -> mf.Manifest:
+    return mf.loads(store.get(name))
+
+
+def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
+    """(object name, key, created_ns), newest first."""
+    out = []
+    for name in store.list("snapshots/" + key_prefix):
+        parts = name.split("/")
+        if len(parts) != 3:
+            continue
+        try:
+            created = int(parts[2].split("-")[0])
+        except ValueError:
+            continue
+        out.append((name, parts[1], created))
+    out.sort(key=lambda t: t[2], reverse=True)
+    return out
+
+
+def find_snapshot(store, key: str, prefixes: list[str]) -> tuple[str | None, str]:
+    """Newest snapshot for `key` exactly, else for the first prefix that matches any."""
+    exact = [s for s in list_snapshots(store, key) if s[1] == key]
+    if exact:
+        return exact[0][0], "exact"
+    for prefix in prefixes:
+        found = list_snapshots(store, prefix)
+        if found:
+            return found[0][0], "partial"
+    return None, "miss"
+
+
+def known_blobs(store, manifests: list[mf.Manifest]) -> dict[str, list]:
+    """Blob locations saves can reuse, if their packs are still in the store."""
+    known: dict[str, list] = {}
+    live_packs: dict[str, bool] = {}
+    for m in manifests:
+        for digest, loc in m.blobs.items():
+            pack = loc[0]
+            if pack not in live_packs:
+                live_packs[pack] = store.exists(pack_name(pack))
+            if live_packs[pack]:
+                known[digest] = loc
+    return known
+
+
+def recent_manifests(store, key_prefix: str, limit: int = 2) -> list[mf.Manifest]:
+    out = []
+    for name, _key, _created in list_snapshots(store, key_prefix)[:limit]:
+        try:
+            out.append(read_manifest(store, name))
+        except (StoreError, FormatError):
+            continue
+    return out
+
+
+def fetch_packs_parallel(store, pack_ids: list[str], workers: int = 4):
+    """Yield (pack_id, bytes) for whole packs, fetched concurrently."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from zip(pack_ids, pool.map(lambda p: store.get(pack_name(p)), pack_ids))
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,128 @@
+"""Walking a root into manifest entries, with a stat cache so unchanged files are not re-read.
+
+The stat cache (`<root>/.rsnap/state`) maps relpath -> [size, mtime_ns, ino, ctime_ns, digest].
+A file whose (size, mtime_ns, ino, ctime_ns) is unchanged since rsnap last hashed or wrote
+it has the recorded digest; any write to a file changes its ctime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import xxhash
+import zstandard
+
+from .cargo_layout import RSNAP_DIR
+
+STATE_FILE = "state"
+
+
+@dataclass
+class Found:
+    rel: str
+    type: str          # "f", "d", "l"
+    mode: int
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+    link: str = ""
+
+    def stat_key(self):
+        return [self.size, self.mtime_ns, self.ino, self.ctime_ns]
+
+
+def walk(root: Path, subtrees: Iterable[str] = ("",), exclude: Callable[[str], bool] = lambda r: False):
+    """Yield Found for every file, dir and symlink below root/subtree (not the subtree dir itself)."""
+    for sub in subtrees:
+        start = root / sub if sub else root
+        if not start.is_dir() or start.is_symlink():
+            continue
+        yield from _walk_dir(start, sub, exclude)
+
+
+def _walk_dir(path: Path, rel_prefix: str, exclude):
+    try:
+        it = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for de in it:
+        rel = f"{rel_prefix}/{de.name}" if rel_prefix else de.name
+        if rel == RSNAP_DIR or exclude(rel):
+            continue
+        try:
+            st = de.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            yield Found(rel, "l", 0o777, 0, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, os.readlink(de.path))
+        elif stat.S_ISDIR(st.st_mode):
+            yield Found(rel, "d", stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            yield from _walk_dir(Path(de.path), rel, exclude)
+        elif stat.S_ISREG(st.st_mode):
+            yield Found(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        # sockets, fifos and devices are never part of a snapshot
+
+
+def hash_file(path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_and_hash(path) -> tuple[bytes, str]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, xxhash.xxh3_128_hexdigest(data)
+
+
+class StatCache:
+    def __init__(self, root: Path):
+        self.path = Path(root) / RSNAP_DIR / STATE_FILE
+        self.files: dict[str, list] = {}
+
+    def load(self) -> "StatCache":
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self.path.read_bytes(), max_output_size=1 << 31)
+            doc = json.loads(raw)
+            if doc.get("version") == 1:
+                self.files = doc["files"]
+        except (OSError, ValueError, zstandard.ZstdError, KeyError, TypeError):
+            self.files = {}
+        return self
+
+    def digest_for(self, f: Found) -> str | None:
+        rec = self.files.get(f.rel)
+        if rec and rec[:4] == f.stat_key():
+            return rec[4]
+        return None
+
+    def remember(self, f: Found, digest: str) -> None:
+        self.files[f.rel] = f.stat_key() + [digest]
+
+    def remember_path(self, rel: str, abs_path, digest: str) -> None:
+        st = os.lstat(abs_path)
+        self.files[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest]
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            raw = json.dumps({"version": 1, "files": self.files}, separators=(",", ":")).encode()
+            tmp.write_bytes(zstandard.ZstdCompressor(level=1).compress(raw))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # the cache only saves time; losing it is harmless
+
+    def invalidate(self) -> None:
+        self.files = {}
+        try:
+            self.path.unlink()
+        except OSError:
+            pass

@@ -1,0 +1,496 @@
+"""Save and restore: turning roots on disk into snapshots and back.
+
+Restore is ordered so that an interruption at any point leaves nothing cargo would
+wrongly trust: fingerprint files that will change are removed first, data files are
+written next, fingerprint files last, and source mtimes are normalized only after
+everything else is in place. Every file is written to a temp name and renamed.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, cargo_layout, mtimes, repo, scan
+from . import manifest as mf
+from .errors import RsnapError, StoreError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
+from .progress import Progress
+
+RESTORING_MARKER = "restoring"
+RESTORED_INFO = "restored.json"
+WORKERS = 4
+
+
+@dataclass
+class RootSpec:
+    name: str
+    path: Path
+    subtrees: list[str]
+    exclude: Callable[[str], bool]
+    merge: bool
+
+
+def root_specs(ws) -> list[RootSpec]:
+    specs = [RootSpec("target", ws.target_dir, [""], cargo_layout.is_excluded_target_path, False)]
+    if ws.build_dir != ws.target_dir and not ws.build_dir.is_relative_to(ws.target_dir):
+        specs.append(RootSpec("build", ws.build_dir, [""], cargo_layout.is_excluded_target_path, False))
+    home_trees = list(cargo_layout.CARGO_HOME_TREES) + registry_src_dirs(ws)
+    specs.append(RootSpec("cargo_home", ws.cargo_home, home_trees, cargo_layout.is_cargo_home_excluded, True))
+    return specs
+
+
+_VERSION_TAIL = re.compile(r"^\d+\.\d+\.\d+")
+
+
+def registry_src_dirs(ws) -> list[str]:
+    """registry/src crate dirs that a build script watches with rerun-if-changed.
+
+    Cargo re-extracts registry sources with fresh mtimes, which would rerun such
+    scripts; carrying these few dirs (with their mtimes) keeps them fresh.
+    """
+    src = ws.cargo_home / "registry" / "src"
+    if not src.is_dir():
+        return []
+    wanted: set[str] = set()
+    for tree in {ws.target_dir, ws.build_dir}:
+        if not tree.is_dir():
+            continue
+        for pkg, out in cargo_layout.iter_build_script_outputs(tree):
+            if pkg in ws.package_dirs_by_name:
+                continue
+            try:
+                if cargo_layout.rerun_if_changed_paths(out.read_text(errors="replace")):
+                    wanted.add(pkg)
+            except OSError:
+                continue
+    dirs = []
+    for index_dir in sorted(src.iterdir()):
+        if not index_dir.is_dir():
+            continue
+        for crate_dir in sorted(index_dir.iterdir()):
+            name = crate_dir.name
+            for pkg in wanted:
+                if name.startswith(pkg + "-") and _VERSION_TAIL.match(name[len(pkg) + 1:]):
+                    dirs.append(crate_dir.relative_to(ws.cargo_home).as_posix())
+    return dirs
+
+
+def _root_path(ws, name: str) -> Path:
+    return {"target": ws.target_dir, "build": ws.build_dir, "cargo_home": ws.cargo_home}[name]
+
+
+# ---------------------------------------------------------------- locking
+
+@contextmanager
+def locked(path: Path, what: str, exclusive: bool = True, wait: bool = True):
+    """flock(2) on `path` (the same lock cargo takes on .package-cache / .cargo-lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            raise RsnapError(f"{what} is locked by another process", EXIT_LOCKED) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- save
+
+@dataclass
+class SaveStats:
+    files: int = 0
+    bytes_total: int = 0
+    files_hashed: int = 0
+    blobs_new: int = 0
+    bytes_new: int = 0            # uncompressed bytes of new blobs
+    bytes_written: int = 0        # compressed bytes written to the store
+    packs_written: int = 0
+
+
+def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bool | None = None) -> dict:
+    started = time.monotonic()
+    if not ws.target_dir.is_dir():
+        raise RsnapError(f"target dir {ws.target_dir} does not exist: build before saving", EXIT_WORKSPACE)
+    known = repo.known_blobs(store, repo.recent_manifests(store, dedupe_prefix))
+    writer = repo.PackWriter(store)
+    stats = SaveStats()
+    roots = []
+    blobs: dict[str, list] = {}
+    bar = Progress("rsnap save", enabled=progress)
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for spec in root_specs(ws):
+            root = _save_root(spec, pool, known, writer, blobs, stats, bar)
+            if root is not None:
+                roots.append(root)
+    writer.flush()
+    for digest in list(blobs):
+        if blobs[digest] is None:
+            blobs[digest] = writer.locations[digest]
+    bar.finish()
+    sources, source_dirs = mtimes.record_sources(ws)
+    m = mf.Manifest(
+        key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
+        rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
+        source_dirs=source_dirs, blobs=blobs,
+    )
+    name = repo.write_manifest(store, m)
+    stats.bytes_written += writer.bytes_written
+    stats.packs_written = writer.packs_written
+    return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,
+            "sources": len(sources), "seconds": round(time.monotonic() - started, 3)}
+
+
+def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar) -> mf.Root | None:
+    if not spec.path.is_dir():
+        return None
+    cache = scan.StatCache(spec.path).load()
+    found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
+    root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
+
+    def digest_of(f: scan.Found):
+        """Runs in a worker: (digest, compressed-or-None)."""
+        path = spec.path / f.rel
+        digest = cache.digest_for(f)
+        if digest is not None and (digest in known or digest in blobs):
+            return digest, None, False
+        data, digest = scan.read_and_hash(path)
+        if digest in known:
+            return digest, None, True
+        return digest, repo.compress(data), True
+
+    files = [f for f in found if f.type == "f"]
+    results = pool.map(_guard(digest_of), files)
+    digests: dict[str, str] = {}
+    for f, (digest, compressed, hashed) in zip(files, results):
+        if digest is None:
+            continue  # vanished or unreadable during the walk: not part of this snapshot
+        digests[f.rel] = digest
+        stats.files += 1
+        stats.bytes_total += f.size
+        stats.files_hashed += hashed
+        if hashed:
+            cache.remember(f, digest)
+        if digest in known:
+            blobs[digest] = known[digest]
+        elif digest not in blobs:
+            if compressed is None:
+                data, digest2 = scan.read_and_hash(spec.path / f.rel)
+                compressed = repo.compress(data) if digest2 == digest else None
+                if compressed is None:
+                    del digests[f.rel]
+                    continue
+            writer.add(digest, compressed, f.size)
+            blobs[digest] = None
+            stats.blobs_new += 1
+            stats.bytes_new += f.size
+        bar.advance(f.size)
+    for f in found:
+        if f.type == "f":
+            if f.rel in digests:
+                root.entries.append(mf.Entry(f.rel, "f", f.mode, f.size, f.mtime_ns, digests[f.rel]))
+        elif f.type == "d":
+            root.entries.append(mf.Entry(f.rel, "d", f.mode, 0, f.mtime_ns, ""))
+        elif f.type == "l" and _link_is_safe(f.rel, f.link):
+            root.entries.append(mf.Entry(f.rel, "l", 0o777, 0, f.mtime_ns, f.link))
+    cache.save()
+    return root
+
+
+def _guard(fn):
+    def run(f):
+        try:
+            return fn(f)
+        except FileNotFoundError:
+            return None, None, False
+        except PermissionError:
+            raise RsnapError(f"cannot read {f.rel}: permission denied", EXIT_WORKSPACE) from None
+    return run
+
+
+def _link_is_safe(rel: str, target: str) -> bool:
+    try:
+        mf.check_link_target(rel, target)
+        return True
+    except RsnapError:
+        return False  # links pointing out of the root are not carried
+
+
+# ---------------------------------------------------------------- restore
+
+@dataclass
+class RestorePlan:
+    spec_path: Path
+    root: mf.Root
+    write: list[mf.Entry] = field(default_factory=list)
+    fix_meta: list[tuple[mf.Entry, scan.Found]] = field(default_factory=list)
+    remove: list[scan.Found] = field(default_factory=list)
+    unchanged: int = 0
+
+
+@dataclass
+class RestoreStats:
+    files_written: int = 0
+    bytes_written: int = 0
+    files_removed: int = 0
+    files_unchanged: int = 0
+    metadata_fixed: int = 0
+
+
+def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None = None) -> dict:
+    started = time.monotonic()
+    stats = RestoreStats()
+    specs = {s.name: s for s in root_specs(ws)}
+    plans = []
+    for root in m.roots:
+        path = _root_path(ws, root.name)
+        spec = specs.get(root.name)
+        subtrees = _merge_subtrees(root) if root.merge else [""]
+        exclude = spec.exclude if spec else cargo_layout.is_excluded_target_path
+        plans.append(_plan_root(path, root, subtrees, exclude))
+    newest = max((e.mtime_ns for r in m.roots if r.name != "cargo_home" for e in r.entries), default=0)
+    markers = [p.spec_path / cargo_layout.RSNAP_DIR / RESTORING_MARKER for p in plans if not p.root.merge]
+    try:
+        for marker in markers:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(snapshot_name)
+        for plan in plans:
+            scan.StatCache(plan.spec_path).invalidate()
+        bar = Progress("rsnap restore", total=sum(e.size for p in plans for e in p.write), enabled=progress)
+        for plan in plans:
+            if plan.root.merge:
+                with locked(plan.spec_path / ".package-cache", "CARGO_HOME package cache"):
+                    _apply(store, m, plan, stats, bar)
+            else:
+                _apply(store, m, plan, stats, bar)
+        bar.finish()
+        retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest)
+        for plan in plans:
+            _remember_restored(plan)
+        for plan in plans:
+            if not plan.root.merge:
+                info = plan.spec_path / cargo_layout.RSNAP_DIR / RESTORED_INFO
+                info.write_text(json.dumps({"snapshot": snapshot_name, "key": m.key, "restored_ns": time.time_ns()}))
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+    except OSError as e:
+        raise _os_error("restore", e) from None
+    return {"files_written": stats.files_written, "bytes_written": stats.bytes_written,
+            "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
+            "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _os_error(action: str, e: OSError) -> RsnapError:
+    if e.errno == errno.ENOSPC:
+        return RsnapError(f"{action} failed: no space left on device ({e.filename})", EXIT_NOSPACE)
+    return RsnapError(f"{action} failed: {e.strerror} ({e.filename})", EXIT_WORKSPACE)
+
+
+def _merge_subtrees(root: mf.Root) -> list[str]:
+    """Top-level trees a merge root covers, as recorded (registry/index, git/db, ...)."""
+    tops = set()
+    for e in root.entries:
+        parts = e.path.split("/")
+        tops.add("/".join(parts[:2]) if parts[0] in ("registry", "git") and len(parts) > 1 else parts[0])
+    return sorted(tops)
+
+
+def _plan_root(path: Path, root: mf.Root, subtrees, exclude) -> RestorePlan:
+    plan = RestorePlan(spec_path=path, root=root)
+    existing = {f.rel: f for f in scan.walk(path, subtrees, exclude)} if path.is_dir() else {}
+    cache = scan.StatCache(path).load()
+    for e in root.entries:
+        have = existing.pop(e.path, None)
+        if have is None:
+            plan.write.append(e)
+        elif e.type != have.type:
+            plan.remove.append(have)
+            plan.write.append(e)
+        elif e.type == "f" and not _same_content(path, e, have, cache, root.merge):
+            plan.write.append(e)
+        elif e.type == "l" and have.link != e.digest:
+            plan.remove.append(have)
+            plan.write.append(e)
+        else:
+            plan.unchanged += 1
+            if e.type != "l" and (have.mtime_ns != e.mtime_ns or have.mode != e.mode):
+                plan.fix_meta.append((e, have))
+    if not root.merge:
+        plan.remove.extend(existing.values())
+    return plan
+
+
+def _same_content(root_path: Path, e: mf.Entry, have: scan.Found, cache, merge: bool) -> bool:
+    if have.size != e.size:
+        return False
+    if merge and have.mtime_ns == e.mtime_ns:
+        return True  # $CARGO_HOME files are immutable once written (.crate, index, git objects)
+    cached = cache.digest_for(have)
+    if cached is not None:
+        return cached == e.digest
+    try:
+        return scan.hash_file(root_path / e.path) == e.digest
+    except OSError:
+        return False
+
+
+def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -> None:
+    root = plan.spec_path
+    root.mkdir(parents=True, exist_ok=True)
+    fp = cargo_layout.is_fingerprint_path
+    # 1. invalidate: fingerprint files that will change or go away are removed first
+    for e in plan.write:
+        if fp(e.path):
+            _remove_path(root / e.path)
+    for f in plan.remove:
+        if fp(f.rel):
+            _remove_path(root / f.rel)
+    # 2. remove what the snapshot does not have (deepest first)
+    for f in sorted(plan.remove, key=lambda f: f.rel.count("/"), reverse=True):
+        _remove_path(root / f.rel)
+        stats.files_removed += f.type != "d"
+    # 3. directories, then data files, then fingerprint files, then links
+    for e in plan.write:
+        if e.type == "d":
+            (root / e.path).mkdir(parents=True, exist_ok=True)
+    files = [e for e in plan.write if e.type == "f"]
+    _write_files(store, m, root, [e for e in files if not fp(e.path)], stats, bar)
+    _write_files(store, m, root, [e for e in files if fp(e.path)], stats, bar)
+    for e in plan.write:
+        if e.type == "l":
+            dest = root / e.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove_path(dest)
+            os.symlink(e.digest, dest)
+    for e, have in plan.fix_meta:
+        if e.type == "f":
+            _set_meta(root / e.path, e, have)
+            stats.metadata_fixed += 1
+    stats.files_unchanged += plan.unchanged
+    # 4. directory mtimes last: creating entries above changed them
+    dirs = [e for e in plan.root.entries if e.type == "d"]
+    for e in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
+        p = root / e.path
+        try:
+            st = p.lstat()
+            if stat.S_IMODE(st.st_mode) != e.mode:
+                os.chmod(p, e.mode | 0o700)
+            if st.st_mtime_ns != e.mtime_ns:
+                os.utime(p, ns=(st.st_atime_ns, e.mtime_ns), follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+
+def _set_meta(path: Path, e: mf.Entry, have: scan.Found) -> None:
+    if have.mode != e.mode:
+        os.chmod(path, e.mode)
+    if have.mtime_ns != e.mtime_ns:
+        os.utime(path, ns=(time.time_ns(), e.mtime_ns))
+
+
+def _remove_path(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], stats: RestoreStats, bar) -> None:
+    """Fetch blobs pack by pack (coalesced reads), write each file atomically."""
+    by_pack: dict[str, list[mf.Entry]] = {}
+    for e in entries:
+        by_pack.setdefault(m.blobs[e.digest][0], []).append(e)
+
+    def restore_pack(item):
+        pack_id, pack_entries = item
+        for e, data in _pack_blobs(store, m, pack_id, pack_entries):
+            _write_atomic(root / e.path, data, e)
+        return pack_entries
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for done in pool.map(restore_pack, by_pack.items()):
+            for e in done:
+                stats.files_written += 1
+                stats.bytes_written += e.size
+                bar.advance(e.size)
+
+
+def _pack_blobs(store, m: mf.Manifest, pack_id: str, entries: list[mf.Entry]):
+    locs = sorted({m.blobs[e.digest][1]: m.blobs[e.digest] for e in entries}.values(), key=lambda l: l[1])
+    needed = sum(l[2] for l in locs)
+    start, end = locs[0][1], locs[-1][1] + locs[-1][2]
+    if end - start <= 2 * needed + (1 << 20):
+        span = store.get_range(repo.pack_name(pack_id), start, end - start)
+        data_by_digest = {}
+        for e in entries:
+            loc = m.blobs[e.digest]
+            if e.digest not in data_by_digest:
+                rel = [pack_id, loc[1] - start, loc[2], loc[3]]
+                data_by_digest[e.digest] = repo.read_blob(store, rel, e.digest, {pack_id: span})
+            yield e, data_by_digest[e.digest]
+        return
+    data_by_digest = {}
+    for e in entries:
+        if e.digest not in data_by_digest:
+            data_by_digest[e.digest] = repo.read_blob(store, m.blobs[e.digest], e.digest)
+        yield e, data_by_digest[e.digest]
+
+
+def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.rsnap-tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(time.time_ns(), e.mtime_ns))
+        finally:
+            os.close(fd)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _remember_restored(plan: RestorePlan) -> None:
+    """Record restored files in the stat cache so the next save need not re-hash them."""
+    cache = scan.StatCache(plan.spec_path)
+    if plan.root.merge:
+        cache.load()
+    for e in plan.root.entries:
+        if e.type == "f":
+            try:
+                cache.remember_path(e.path, plan.spec_path / e.path, e.digest)
+            except OSError:
+                pass
+    cache.save()
+
+
+def restore_interrupted(ws) -> bool:
+    """True if a previous restore into this target dir did not finish."""
+    return any((p / cargo_layout.RSNAP_DIR / RESTORING_MARKER).exists() for p in {ws.target_dir, ws.build_dir})

@@ -1,0 +1,153 @@
+"""Store backends: a flat key/value object space ("snapshots/…", "packs/…", "cache/…").
+
+Like sccache's storage trait, a backend knows nothing about snapshots; it only moves
+named objects. Every `put` is atomic: readers see the old object, the new one, or none.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import RsnapError, StoreError, EXIT_NOSPACE
+
+_NAME = re.compile(r"^[A-Za-z0-9._@=+-]+(/[A-Za-z0-9._@=+-]+)*$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name) or any(p in (".", "..") for p in name.split("/")):
+        raise StoreError(f"invalid object name {name!r}")
+    return name
+
+
+def default_store_url() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rsnap")
+
+
+class LocalStore:
+    """Objects are files under `root`; writes go to a temp file, fsync, then rename."""
+
+    def __init__(self, root: Path, create: bool = True):
+        self.root = Path(root)
+        self.url = str(self.root)
+        if not self.root.is_dir():
+            if not create:
+                raise StoreError(f"store {self.root} does not exist")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def size(self, name: str) -> int | None:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"store object {name} is missing from {self.root}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read {name} from store {self.root}: {e.strerror}") from None
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except FileNotFoundError:
+            raise StoreError(f"store object {name} is missing from {self.root}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read {name} from store {self.root}: {e.strerror}") from None
+        if len(data) != length:
+            raise StoreError(f"store object {name} is truncated")
+        return data
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise RsnapError(f"store {self.root} is out of space writing {name}", EXIT_NOSPACE) from None
+            raise StoreError(f"cannot write {name} to store {self.root}: {e.strerror}") from None
+
+    def delete(self, name: str) -> None:
+        _unlink_quietly(self._path(name))
+
+    def touch(self, name: str) -> None:
+        """Mark an object as recently used (LRU for the compile cache)."""
+        try:
+            os.utime(self._path(name))
+        except OSError:
+            pass
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names of all objects whose name starts with `prefix` (temp files excluded)."""
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        out = []
+        if not base.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(base):
+            for fn in files:
+                if fn.startswith(".tmp-") or fn.startswith(".lock"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, fn), self.root).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def stat_all(self, prefix: str = "") -> list[tuple[str, int, float]]:
+        """(name, size, mtime) of objects under prefix, for LRU eviction."""
+        out = []
+        for name in self.list(prefix):
+            try:
+                st = self._path(name).stat()
+            except FileNotFoundError:
+                continue
+            out.append((name, st.st_size, st.st_mtime))
+        return out
+
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def open_store(url: str | None = None, create: bool = True):
+    """Open the store named by a path or URL (file://, s3:// in a later backend)."""
+    url = url or os.environ.get("RSNAP_STORE") or default_store_url()
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else url
+        if not path:
+            raise StoreError(f"invalid store URL {url!r}")
+        return LocalStore(Path(os.path.expanduser(path)), create=create)
+    raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r} (use a path or file://)")
