@@ -1,6 +1,7 @@
 """Command-line interface (typer). Every command: --help, --json, documented exit codes."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import typer
 
 from . import __version__, keys, repo, snapshot
 from .cargo_layout import discover, RSNAP_DIR
-from .errors import RsnapError, StoreError, EXIT_USAGE
+from .errors import RsnapError, StoreError, EXIT_USAGE, EXIT_NOSPACE
 from .progress import human_bytes
 from .store import open_store, default_store_url
 
@@ -216,6 +217,10 @@ def main() -> None:
     except RsnapError as e:
         print(f"rsnap: error: {e}", file=sys.stderr)
         sys.exit(e.code)
+    except OSError as e:
+        code = EXIT_NOSPACE if e.errno == errno.ENOSPC else 1
+        print(f"rsnap: error: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        sys.exit(code)
     except KeyboardInterrupt:
         print("rsnap: interrupted", file=sys.stderr)
         sys.exit(130)

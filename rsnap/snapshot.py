@@ -94,8 +94,11 @@ def _root_path(ws, name: str) -> Path:
 @contextmanager
 def locked(path: Path, what: str, exclusive: bool = True, wait: bool = True):
     """flock(2) on `path` (the same lock cargo takes on .package-cache / .cargo-lock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _os_error(f"locking {what}", e) from None
     try:
         flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
         try:

@@ -1,0 +1,52 @@
+"""Running the rsnap CLI against a fixture workspace."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class RsnapResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def data(self) -> dict:
+        return json.loads(self.stdout)
+
+    def check(self) -> "RsnapResult":
+        assert self.returncode == 0, f"rsnap failed ({self.returncode}):\n{self.stderr}"
+        return self
+
+
+def rsnap(ws, store: Path, *args: str, env_extra: dict | None = None, cwd: Path | None = None) -> RsnapResult:
+    """`rsnap <args> --json` with the workspace's cargo env and the given store."""
+    env = {**ws.env, "RSNAP_STORE": str(store), **(env_extra or {})}
+    env.pop("CI", None)
+    cmd = [sys.executable, "-m", "rsnap", *args]
+    proc = subprocess.run(cmd, cwd=cwd or ws.root, env=env, capture_output=True, text=True)
+    return RsnapResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def one_line_error(res: RsnapResult) -> str:
+    """The error output must be a single `rsnap: error:` line, never a traceback."""
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("rsnap: error:"), res.stderr
+    return lines[0]
+
+
+def stat_tree(root: Path) -> dict[str, tuple]:
+    """relpath -> (ino, size, mtime_ns, ctime_ns) of every file below root."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for fn in files:
+            p = Path(dirpath, fn)
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out

@@ -1,0 +1,239 @@
+"""Issue 2 acceptance: save, fresh clone at the same path, restore, and cargo agrees.
+
+One workspace is built and saved once per module; every test starts from a fresh
+clone of it (new mtimes, no target/) on a "cold runner" (CARGO_HOME caches wiped),
+restores, and checks cargo's own --message-format=json verdicts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cargo_util import create_workspace, WORKSPACE_PACKAGES
+from rsnap_util import rsnap, one_line_error, stat_tree
+
+# Packages that depend, directly or not, on each workspace crate (fixture layout).
+DEPENDENTS = {
+    "ws-core": {"ws-core", "ws-util", "ws-gen", "app"},
+    "ws-gen": {"ws-gen", "app"},
+    "app": {"app"},
+}
+
+
+def cold_runner(ws) -> None:
+    """A new CI runner: fresh clone at the same path, no target/, empty CARGO_HOME caches."""
+    ws.clone_fresh(allow_dirty=True)
+    for sub in ("registry", "git"):
+        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def saved(registry, gitdep_url, tmp_path_factory):
+    """(workspace, store) with a snapshot of `cargo build` + `cargo test --no-run`."""
+    ws = create_workspace(tmp_path_factory.mktemp("snap") / "ws", registry.index_url, gitdep_url)
+    ws.build("build")
+    ws.build("test", "--no-run")
+    store = ws.root.parent / "store"
+    res = rsnap(ws, store, "save", "--json").check()
+    assert res.data["files"] > 50
+    ws.expected_output = ws.run_app()
+    return ws, store
+
+
+def test_fresh_clone_restore_compiles_nothing(saved):
+    ws, store = saved
+    cold_runner(ws)
+    res = rsnap(ws, store, "restore", "--json").check().data
+    assert res["result"] == "exact"
+    assert res["files_written"] > 50
+    assert res["sources"]["bumped"] == 0, res["sources"]
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert len(build.units) >= 10
+    tests = ws.build("test", "--no-run", "--offline")
+    assert tests.all_fresh(), tests.summary()
+    assert ws.run_app() == ws.expected_output
+
+
+@pytest.mark.parametrize("crate,path", [("ws-core", "crates/core/src/lib.rs"), ("app", "crates/app/src/main.rs")])
+def test_edit_rebuilds_only_the_crate_and_dependents(saved, crate, path):
+    ws, store = saved
+    cold_runner(ws)
+    old = "pub const REVISION: u32 = 1;" if crate == "ws-core" else "const APP_REVISION: u32 = 1;"
+    ws.replace(path, old, old.replace("= 1;", "= 7;"))
+    rsnap(ws, store, "restore", "--json").check()
+    build = ws.build("build", "--offline")
+    assert build.compiled() == DEPENDENTS[crate], build.summary()
+    assert not build.scripts_run, build.summary()
+    assert "rev=7" in ws.run_app()
+
+
+def test_edit_after_restore_is_seen(saved):
+    ws, store = saved
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    ws.replace("crates/core/src/lib.rs", "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 9;")
+    build = ws.build("build", "--offline")
+    assert build.compiled() == DEPENDENTS["ws-core"], build.summary()
+    assert "rev=9" in ws.run_app()
+
+
+def test_build_script_data_edit_reruns_build_script(saved):
+    ws, store = saved
+    cold_runner(ws)
+    ws.append("crates/gen/data/words.txt", "\nzebra\n")
+    rsnap(ws, store, "restore", "--json").check()
+    build = ws.build("build", "--offline")
+    assert build.scripts_run == {"ws-gen"}, build.summary()
+    assert build.compiled() == DEPENDENTS["ws-gen"], build.summary()
+    assert "zebra" in ws.run_app()
+
+
+def test_lockfile_version_bump_rebuilds_that_crate_and_dependents(saved):
+    ws, store = saved
+    cold_runner(ws)
+    res = rsnap(ws, store, "restore", "--json").check().data
+    assert res["result"] == "exact"
+    ws.cargo("update", "-p", "regdep", "--precise", "1.0.1")
+    # A new runner for the bumped lockfile: the key changes, so the restore is partial.
+    lock = ws.read("Cargo.lock")
+    cold_runner(ws)
+    ws.write("Cargo.lock", lock)
+    res = rsnap(ws, store, "restore", "--json").check().data
+    assert res["result"] == "partial"
+    build = ws.build("build")
+    assert build.compiled() == {"regdep", "app"}, build.summary()
+    assert "1.0.1" in ws.run_app()
+
+
+def test_restore_onto_current_target_touches_nothing(saved):
+    ws, store = saved
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    before = stat_tree(ws.target)
+    again = rsnap(ws, store, "restore", "--json").check().data
+    assert again["files_written"] == 0 and again["files_removed"] == 0
+    assert again["metadata_fixed"] == 0
+    after = stat_tree(ws.target)
+    cargo_files = [p for p in before if not p.startswith(".rsnap/")]
+    changed = [p for p in cargo_files if before[p] != after.get(p)]
+    assert not changed, changed[:5]
+    assert len(cargo_files) > 50
+
+
+def test_restore_onto_stale_persistent_target_converges(saved):
+    """A persistent runner: target holds other artifacts; restore writes the difference and removes extras."""
+    ws, store = saved
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    junk = ws.target / "debug" / "deps" / "libjunk-0123456789abcdef.rlib"
+    junk.write_bytes(b"junk")
+    victim = next((ws.target / "debug" / "deps").glob("libws_core-*.rlib"))
+    victim.write_bytes(b"corrupted by a previous job")
+    res = rsnap(ws, store, "restore", "--json").check().data
+    assert res["files_written"] == 1 and res["files_removed"] == 1
+    assert not junk.exists()
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert ws.run_app() == ws.expected_output
+
+
+def test_saving_after_a_small_change_writes_little(saved, tmp_path):
+    ws, pristine = saved
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
+    ws.build("build", "--offline")
+    res = rsnap(ws, store, "save", "--json").check().data
+    assert res["bytes_written"] < 0.25 * res["bytes_total"], res
+    assert res["files_hashed"] < res["files"] / 2, res
+
+
+def test_relocated_snapshot_is_a_miss_unless_allowed(saved, tmp_path):
+    ws, store = saved
+    cold_runner(ws)
+    other_home = tmp_path / "other-home"
+    shutil.copytree(ws.cargo_home, other_home)
+    env = {"CARGO_HOME": str(other_home)}
+    key = rsnap(ws, store, "key", "--json").check().data["key"]
+    res = rsnap(ws, store, "restore", "--json", "--restore-key", key[:10], env_extra=env).check().data
+    assert res["result"] == "miss" and "--allow-relocate" in res["message"]
+    assert not ws.target.exists()
+    res = rsnap(ws, store, "restore", "--json", "--restore-key", key[:10], "--allow-relocate",
+                env_extra=env).check().data
+    assert res["result"] == "partial" and res["files_written"] > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_store_is_a_miss_for_restore_and_an_error_for_ls(saved, tmp_path):
+    ws, _store = saved
+    res = rsnap(ws, tmp_path / "nope", "restore", "--json").check().data
+    assert res["result"] == "miss"
+    ls = rsnap(ws, tmp_path / "nope", "store", "ls")
+    assert ls.returncode == 3
+    assert "does not exist" in one_line_error(ls)
+
+
+def test_corrupt_blob_fails_cleanly_and_build_stays_correct(saved, tmp_path):
+    ws, store = saved
+    bad = tmp_path / "store"
+    shutil.copytree(store, bad)
+    for pack in (bad / "packs").rglob("*"):
+        if pack.is_file():
+            data = bytearray(pack.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            pack.write_bytes(bytes(data))
+    cold_runner(ws)
+    res = rsnap(ws, bad, "restore")
+    assert res.returncode == 3, res.stderr
+    assert "corrupt" in one_line_error(res)
+    # Interrupted restore: save refuses, cargo still builds the right program.
+    save = rsnap(ws, bad, "save")
+    assert save.returncode != 0 and "interrupted" in one_line_error(save)
+    ws.build("build")
+    assert ws.run_app() == ws.expected_output
+    # The next good restore repairs the target dir.
+    res = rsnap(ws, store, "restore", "--json").check().data
+    assert res["repaired_interrupted_restore"] is True
+    assert ws.build("build", "--offline").all_fresh()
+
+
+def test_unwritable_target_is_one_line_error(saved):
+    ws, store = saved
+    cold_runner(ws)
+    ws.target.write_text("not a directory")
+    res = rsnap(ws, store, "restore")
+    assert res.returncode == 4, res.stderr
+    one_line_error(res)
+    ws.target.unlink()
+
+
+def test_newer_manifest_format_is_refused(saved, tmp_path):
+    import zstandard
+    ws, store = saved
+    newer = tmp_path / "store"
+    shutil.copytree(store, newer)
+    for snap in (newer / "snapshots").rglob("*"):
+        if snap.is_file():
+            doc = json.loads(zstandard.ZstdDecompressor().decompress(snap.read_bytes()))
+            doc["format"] = 99
+            snap.write_bytes(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
+    cold_runner(ws)
+    res = rsnap(ws, newer, "restore")
+    assert res.returncode == 5
+    assert "newer rsnap" in one_line_error(res)
+    assert not ws.target.exists()
+
+
+def test_invalid_key_is_a_usage_error(saved):
+    ws, store = saved
+    res = rsnap(ws, store, "save", "--key", "../../etc")
+    assert res.returncode == 2
+    one_line_error(res)
