@@ -20,8 +20,8 @@ from .errors import RsnapError, EXIT_WORKSPACE
 EXCLUDED_TARGET_NAMES = {".rustc_info.json", ".rustc-info.json", ".cargo-lock", ".cargo-build-lock"}
 RSNAP_DIR = ".rsnap"  # rsnap's own state inside each root; never part of a snapshot
 
-# Subtrees of $CARGO_HOME that a snapshot carries. registry/src is added per crate
-# only where a build script's rerun-if-changed points into it (see cargo_home_src_dirs).
+# Subtrees of $CARGO_HOME that a snapshot carries. registry/src is not: cargo re-extracts
+# it from registry/cache and ignores mtimes under $CARGO_HOME (checked on cargo 1.95).
 CARGO_HOME_TREES = ("registry/index", "registry/cache", "git/db", "git/checkouts")
 CARGO_HOME_EXCLUDED_NAMES = {
     "credentials", "credentials.toml", ".package-cache", ".package-cache-mutate",

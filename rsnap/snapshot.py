@@ -11,7 +11,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 import time
@@ -44,45 +43,9 @@ def root_specs(ws) -> list[RootSpec]:
     specs = [RootSpec("target", ws.target_dir, [""], cargo_layout.is_excluded_target_path, False)]
     if ws.build_dir != ws.target_dir and not ws.build_dir.is_relative_to(ws.target_dir):
         specs.append(RootSpec("build", ws.build_dir, [""], cargo_layout.is_excluded_target_path, False))
-    home_trees = list(cargo_layout.CARGO_HOME_TREES) + registry_src_dirs(ws)
-    specs.append(RootSpec("cargo_home", ws.cargo_home, home_trees, cargo_layout.is_cargo_home_excluded, True))
+    specs.append(RootSpec("cargo_home", ws.cargo_home, list(cargo_layout.CARGO_HOME_TREES),
+                          cargo_layout.is_cargo_home_excluded, True))
     return specs
-
-
-_VERSION_TAIL = re.compile(r"^\d+\.\d+\.\d+")
-
-
-def registry_src_dirs(ws) -> list[str]:
-    """registry/src crate dirs that a build script watches with rerun-if-changed.
-
-    Cargo re-extracts registry sources with fresh mtimes, which would rerun such
-    scripts; carrying these few dirs (with their mtimes) keeps them fresh.
-    """
-    src = ws.cargo_home / "registry" / "src"
-    if not src.is_dir():
-        return []
-    wanted: set[str] = set()
-    for tree in {ws.target_dir, ws.build_dir}:
-        if not tree.is_dir():
-            continue
-        for pkg, out in cargo_layout.iter_build_script_outputs(tree):
-            if pkg in ws.package_dirs_by_name:
-                continue
-            try:
-                if cargo_layout.rerun_if_changed_paths(out.read_text(errors="replace")):
-                    wanted.add(pkg)
-            except OSError:
-                continue
-    dirs = []
-    for index_dir in sorted(src.iterdir()):
-        if not index_dir.is_dir():
-            continue
-        for crate_dir in sorted(index_dir.iterdir()):
-            name = crate_dir.name
-            for pkg in wanted:
-                if name.startswith(pkg + "-") and _VERSION_TAIL.match(name[len(pkg) + 1:]):
-                    dirs.append(crate_dir.relative_to(ws.cargo_home).as_posix())
-    return dirs
 
 
 def _root_path(ws, name: str) -> Path:

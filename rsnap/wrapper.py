@@ -168,19 +168,7 @@ def linked_output_reason(inv: Invocation, cg: dict[str, str]) -> str | None:
         kind = spec.split("=", 1)[0] if "=" in spec else "dylib"
         if not kind.startswith("static"):
             return "link-dylib"
-    target = inv.value("--target")
-    if target and target != host_triple(inv.rustc):
-        return "cross-link"
-    return None
-
-
-def host_triple(rustc: str) -> str:
-    """The host triple from the toolchain directory name (rustup: stable-x86_64-unknown-linux-gnu),
-    falling back to the running platform."""
-    import platform
-
-    machine = platform.machine()
-    return f"{machine}-unknown-linux-gnu" if sys.platform.startswith("linux") else machine
+    return None  # cross linking is refused in rustc_cache, which knows the host triple
 
 
 def log_event(result: str, inv: Invocation | None, detail: str = "") -> None:

@@ -1,0 +1,678 @@
+"""The compile cache behind `rsnap-rustc`: key, path handling, entries, LRU.
+
+Key (xxh3_128 over, in order):
+  * a format version;
+  * the toolchain digest: `rustc -vV` plus the content of the sysroot's `lib/*.so*`
+    (cached per rustc binary in the state dir, keyed by its path, size and mtime);
+  * for linked outputs (bins, build scripts, proc-macros): the link environment: the
+    linker driver, `ld`, the toolchain's rust-lld and the system start files and
+    libraries (`cc -print-file-name=...`), all by content;
+  * the arguments with the checkout roots replaced by tokens (below); only
+    `--diagnostic-width` and `--color` are dropped (they change how diagnostics are
+    drawn, nothing else);
+  * every file rustc reads, from rustc's own dep-info (a `--emit=dep-info` pass run with
+    `-Z binary-dep-depinfo`, so the crate files of the whole dependency graph are listed,
+    not only `--extern`), by content, under its tokenized path; toolchain files are
+    covered by the toolchain digest.  Linked outputs hash the `.rlib` next to a listed
+    `.rmeta`, because the linker reads the rlib;
+  * `# env-dep:` values and the CARGO_* / OUT_DIR / RUSTC_BOOTSTRAP environment rustc
+    sees, tokenized (cargo's config-only variables such as CARGO_MAKEFLAGS, jobs,
+    CARGO_TERM_*, CARGO_PROFILE_* are left out: they reach rustc as arguments);
+  * `-l static=` archives found on the `-L` paths and a `--target <spec>.json`, by content.
+
+Roots.  The paths that differ between checkouts and runners are the workspace root
+(cargo's cwd for path crates), `$CARGO_HOME` (registry and git crates: cwd is the
+package root `$CARGO_HOME/registry/src/<index>/<name>-<ver>`), the package root of a
+path crate outside the workspace, the target dir (from `--out-dir`) and the sysroot.
+In the key, in dep-info and in stored stdout/stderr they become tokens such as
+`@RSNAP:CWD@`; on restore the tokens become this runner's paths, so the restored `.d`
+file names this checkout's sources and cargo's artifact notifications name this
+target dir.
+
+Debuginfo and other embedded paths: DECISION = remap.  Every cached compilation is run
+with `--remap-path-prefix` for the roots (cargo's `trim-paths` convention, RFC 3127):
+the workspace root becomes `.`, a registry/git/outside package root becomes
+`<name>-<version>`, `$CARGO_HOME` `/rsnap/cargo-home`, the target dir `/rsnap/target`.
+Workspace crates are given to rustc with relative paths, so for them only
+DW_AT_comp_dir changes (`.`); for dependencies, panic locations, `file!()` and debuginfo
+read `serde-1.0.200/src/de.rs` instead of `/home/u/.cargo/registry/src/<index>/serde-
+1.0.200/src/de.rs`.  Diagnostics are remapped the same way (scope "all": a narrower
+scope makes rustc keep the local path in the .rmeta).  The remap is applied on every
+miss, so a hit restores exactly the bytes the miss produced on any runner (checked:
+rlib, rmeta, proc-macro .so and build-script binaries are byte-identical when compiled
+at two different checkout and CARGO_HOME paths).  Debuggers find dependency sources with
+`set substitute-path`; the remapped output differs from a plain build without the
+wrapper only in these path strings.
+
+What the remap cannot reach (a literal `env!("CARGO_MANIFEST_DIR")`, a generated file
+that spells out OUT_DIR, ...) is caught after the miss: outputs other than the `.d` file
+are scanned for the real root paths, and when one is found the entry is stored under a
+path key (the normal key plus the real roots) with a small marker under the normal key.
+Such crates hit only at the same paths, and never restore another checkout's path.
+
+Not covered (same as cargo and sccache): files or environment variables that a
+proc-macro or `include!`-less code reads behind rustc's back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import xxhash
+import zstandard
+
+from . import wrapper_stats
+from .wrapper import Invocation, exec_rustc, links_natively, log_event
+
+KEY_VERSION = "rsnap-rustc-1"
+ENTRY_MAGIC = b"RSNAPCE1"
+MIN_ROOT_LEN = 6          # shorter "roots" (/, /tmp) would match unrelated bytes
+SIZE_CHECK_EVERY = 32     # entries written between two LRU size checks
+EVICT_TO = 0.9            # evict down to this fraction of RSNAP_CACHE_SIZE
+
+_ENV_EXCLUDED_PREFIXES = (
+    "CARGO_MAKEFLAGS", "CARGO_BUILD_", "CARGO_REGISTRIES_", "CARGO_REGISTRY_", "CARGO_HTTP_",
+    "CARGO_NET_", "CARGO_TERM_", "CARGO_PROFILE_", "CARGO_TARGET_", "CARGO_INCREMENTAL",
+    "CARGO_CACHE_", "CARGO_LOG", "CARGO_UNSTABLE_", "CARGO_ALIAS_", "CARGO_SOURCE_",
+    "CARGO_ENCODED_RUSTFLAGS", "CARGO_FUTURE_INCOMPAT_", "CARGO_RESOLVER_", "CARGO_INSTALL_",
+)
+_ENV_EXTRA = ("OUT_DIR", "RUSTC_BOOTSTRAP", "RUST_TARGET_PATH", "LIBRARY_PATH")
+_KEY_DROPPED_FLAGS = ("--diagnostic-width", "--color")
+# Start files and libraries the system linker adds to every bin and proc-macro.
+_SYSTEM_LINK_FILES = (
+    "crt1.o", "Scrt1.o", "crti.o", "crtn.o", "crtbegin.o", "crtend.o", "crtbeginS.o",
+    "crtendS.o", "libc.so", "libc.so.6", "libc_nonshared.a", "libm.so.6", "libgcc.a",
+    "libgcc_s.so", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2", "librt.so.1",
+    "libutil.so.1", "ld-linux-x86-64.so.2",
+)
+
+
+class Uncacheable(Exception):
+    """Raised while preparing the key: the call is compiled plainly, counted with `reason`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CorruptEntry(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- hashing helpers
+
+def hash_file(path: str) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_strings(parts) -> str:
+    h = xxhash.xxh3_128()
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _stat_id(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _digest_cache(kind: str, ident: str, compute) -> dict:
+    """A small JSON file per (kind, ident) in the state dir, so toolchain-wide digests
+    are computed once per runner instead of once per rustc call."""
+    d = os.path.join(wrapper_stats.state_dir(), kind)
+    path = os.path.join(d, hash_strings([ident]) + ".json")
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("ident") == ident:
+            return cached
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    value["ident"] = ident
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
+
+
+def _run(cmd: list[str], **kw) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+# ---------------------------------------------------------------- toolchain
+
+def toolchain_info(rustc: str) -> dict:
+    """{digest, sysroot, host} of the rustc binary cargo handed us."""
+    real = os.path.realpath(rustc)
+    guessed_sysroot = os.path.dirname(os.path.dirname(real))
+    if os.path.isdir(os.path.join(guessed_sysroot, "lib", "rustlib")):
+        ident = _stat_id(real)
+    else:  # a proxy (rustup shim, wrapper script): its stat says nothing about the toolchain
+        sysroot = _run([rustc, "--print", "sysroot"]).strip()
+        ident = _stat_id(real) + "|" + _stat_id(os.path.join(sysroot, "bin", "rustc"))
+    return _digest_cache("toolchains", ident, lambda: _compute_toolchain(rustc))
+
+
+def _compute_toolchain(rustc: str) -> dict:
+    version = _run([rustc, "-vV"])
+    sysroot = _run([rustc, "--print", "sysroot"]).strip()
+    host = next((line.split(":", 1)[1].strip() for line in version.splitlines() if line.startswith("host:")), "")
+    parts = [version]
+    lib = os.path.join(sysroot, "lib")
+    for name in sorted(os.listdir(lib)):
+        path = os.path.join(lib, name)
+        if ".so" in name and os.path.isfile(path):
+            parts += [name, hash_file(path)]
+    return {"digest": hash_strings(parts), "sysroot": os.path.realpath(sysroot), "host": host}
+
+
+def link_env_digest(inv: Invocation, toolchain: dict) -> str:
+    linker = inv.codegen().get("linker") or "cc"
+    resolved = shutil.which(linker)
+    if not resolved:
+        raise Uncacheable("linker-not-found")
+    real = os.path.realpath(resolved)
+    ident = f"{_stat_id(real)}|{toolchain['digest']}"
+    return _digest_cache("linkers", ident, lambda: _compute_link_env(resolved, toolchain))["digest"]
+
+
+def _compute_link_env(linker: str, toolchain: dict) -> dict:
+    parts = ["linker", hash_file(linker)]
+    ld = _run([linker, "-print-prog-name=ld"]).strip()
+    ld = ld if os.path.isabs(ld) else shutil.which(ld)
+    if ld:
+        parts += ["ld", hash_file(ld)]
+    for name in _SYSTEM_LINK_FILES:
+        found = _run([linker, f"-print-file-name={name}"]).strip()
+        parts += [name, hash_file(found) if os.path.isabs(found) and os.path.isfile(found) else "absent"]
+    rustlib_bin = os.path.join(toolchain["sysroot"], "lib", "rustlib", toolchain["host"], "bin")
+    for dirpath, _dirs, files in sorted(os.walk(rustlib_bin)):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            parts += [os.path.relpath(path, rustlib_bin), hash_file(path)]
+    return {"digest": hash_strings(parts)}
+
+
+# ---------------------------------------------------------------- roots and tokens
+
+class Roots:
+    """Real paths of this checkout/runner, the tokens they become in keys and stored
+    text, and the `--remap-path-prefix` flags that keep them out of binary outputs."""
+
+    def __init__(self, inv: Invocation, toolchain: dict):
+        env = os.environ
+        cwd = os.getcwd()
+        out_dir = os.path.abspath(inv.value("--out-dir"))
+        entries = [("TARGET", target_root(out_dir, inv.value("--target")), "/rsnap/target"),
+                   ("CARGO_HOME", env.get("CARGO_HOME"), "/rsnap/cargo-home"),
+                   ("CWD", cwd, "."),
+                   ("SYSROOT", toolchain["sysroot"], None)]
+        manifest = env.get("CARGO_MANIFEST_DIR")
+        source_is_absolute = os.path.isabs(inv.inputs[0])
+        if manifest and source_is_absolute:
+            # registry, git or out-of-workspace path crate: named like cargo's trim-paths
+            pkg = f"{env.get('CARGO_PKG_NAME', inv.crate_name)}-{env.get('CARGO_PKG_VERSION', '0')}"
+            entries.append(("PKG", manifest, pkg))
+        self.entries = [(tok, os.path.normpath(path), remap) for tok, path, remap in entries
+                        if path and len(os.path.normpath(path)) >= MIN_ROOT_LEN]
+        # longest first so a root inside another (target inside the workspace) wins
+        self.by_length = sorted(self.entries, key=lambda e: (-len(e[1]), e[0]))
+
+    def tokenize(self, text: str) -> str:
+        for tok, path, _ in self.by_length:
+            if path in text:
+                text = text.replace(path, f"@RSNAP:{tok}@")
+        return text
+
+    def tokenize_bytes(self, data: bytes) -> bytes:
+        for tok, path, _ in self.by_length:
+            p = path.encode()
+            if p in data:
+                data = data.replace(p, f"@RSNAP:{tok}@".encode())
+        return data
+
+    def detokenize_bytes(self, data: bytes) -> bytes:
+        for tok, path, _ in self.entries:
+            data = data.replace(f"@RSNAP:{tok}@".encode(), path.encode())
+        if b"@RSNAP:" in data:
+            raise CorruptEntry("stored text names a root this runner does not have")
+        return data
+
+    def remap_args(self) -> list[str]:
+        # rustc applies the last matching --remap-path-prefix: most specific last,
+        # and the package root after the cwd it may be equal to.
+        order = sorted((e for e in self.entries if e[2] is not None),
+                       key=lambda e: (len(e[1]), e[0] == "PKG"))
+        return [f"--remap-path-prefix={path}={remap}" for _tok, path, remap in order]
+
+    def embedded_in(self, data: bytes) -> str | None:
+        for tok, path, _ in self.entries:
+            if path.encode() in data:
+                return tok
+        return None
+
+    def real_paths(self) -> list[str]:
+        return [f"{tok}={path}" for tok, path, _ in sorted(self.entries)]
+
+
+def target_root(out_dir: str, target: str | None) -> str | None:
+    """`<target>/[<triple>/]<profile>/{deps,build/<unit>,examples}` -> `<target>`."""
+    parts = out_dir.split(os.sep)
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] in ("deps", "build", "examples", "incremental"):
+            root = parts[: i - 1]  # drop the profile directory
+            triple = os.path.basename(target)[:-5] if target and target.endswith(".json") else target
+            if triple and root and root[-1] == triple:
+                root = root[:-1]
+            return os.sep.join(root) or None
+    return None
+
+
+# ---------------------------------------------------------------- the key
+
+class Prepared:
+    def __init__(self, inv, toolchain, roots, key, linked, outputs):
+        self.inv = inv
+        self.toolchain = toolchain
+        self.roots = roots
+        self.key = key
+        self.linked = linked
+        self.outputs = outputs  # file names rustc will write into --out-dir
+
+    def path_key(self) -> str:
+        return hash_strings([self.key, *self.roots.real_paths()])
+
+
+def expected_outputs(inv: Invocation) -> list[str]:
+    name = inv.crate_name + inv.codegen()["extra-filename"]
+    emits = inv.emits()
+    outs = []
+    if "dep-info" in emits:
+        outs.append(f"{name}.d")
+    if "metadata" in emits:
+        outs.append(f"lib{name}.rmeta")
+    if "link" in emits:
+        for t in inv.crate_types():
+            outs.append({"lib": f"lib{name}.rlib", "rlib": f"lib{name}.rlib", "staticlib": f"lib{name}.a",
+                         "proc-macro": f"lib{name}.so", "bin": name}[t])
+    return sorted(set(outs))
+
+
+def prepare(inv: Invocation) -> Prepared:
+    toolchain = toolchain_info(inv.rustc)
+    linked = links_natively(inv.crate_types(), inv.emits())
+    target = inv.value("--target")
+    if linked and target and os.path.basename(target) != toolchain["host"]:
+        raise Uncacheable("cross-link")
+    roots = Roots(inv, toolchain)
+    parts = [KEY_VERSION, "toolchain", toolchain["digest"]]
+    if linked:
+        parts += ["link-env", link_env_digest(inv, toolchain)]
+    parts.append("args")
+    for flag, value in inv.options:
+        if flag not in _KEY_DROPPED_FLAGS:
+            parts += [flag, roots.tokenize(value) if value is not None else "\x01"]
+    parts += ["input", roots.tokenize(os.path.abspath(inv.inputs[0]))]
+    parts += ["env", *env_for_key(roots)]
+    files, env_deps = depinfo_pass(inv)
+    parts.append("files")
+    for path in files:
+        parts += file_for_key(path, toolchain, roots, linked)
+    parts += ["env-deps", *(roots.tokenize(e) for e in env_deps)]
+    parts += ["native", *native_inputs(inv, roots)]
+    if target and target.endswith(".json"):
+        parts += ["target-spec", hash_file(target)]
+    return Prepared(inv, toolchain, roots, hash_strings(parts), linked, expected_outputs(inv))
+
+
+def env_for_key(roots: Roots) -> list[str]:
+    out = []
+    for name in sorted(os.environ):
+        if name in _ENV_EXTRA or (name.startswith("CARGO") and not name.startswith(_ENV_EXCLUDED_PREFIXES)):
+            out.append(f"{name}={roots.tokenize(os.environ[name])}")
+    return out
+
+
+def file_for_key(path: str, toolchain: dict, roots: Roots, linked: bool) -> list[str]:
+    absolute = os.path.abspath(path)
+    if absolute.startswith(toolchain["sysroot"] + os.sep) or os.path.realpath(absolute).startswith(toolchain["sysroot"] + os.sep):
+        return []  # covered by the toolchain digest
+    if linked and absolute.endswith(".rmeta"):
+        rlib = absolute[:-6] + ".rlib"
+        if os.path.isfile(rlib):
+            absolute = rlib
+    try:
+        digest = hash_file(absolute)
+    except OSError:
+        raise Uncacheable("input-unreadable") from None
+    return [roots.tokenize(path), digest]
+
+
+def depinfo_pass(inv: Invocation) -> tuple[list[str], list[str]]:
+    """Ask rustc which files and env vars this compilation reads (`--emit=dep-info`)."""
+    skip = {"--emit", "--out-dir", "-o", "--json", "--error-format", "--color", "--diagnostic-width"}
+    args = []
+    for flag, value in inv.options:
+        if flag in skip or (flag in ("-C", "--codegen") and value and value.startswith("incremental=")):
+            continue
+        args += [flag] if value is None else [flag, value]
+    with tempfile.TemporaryDirectory(prefix="rsnap-depinfo-") as tmp:
+        dep_file = os.path.join(tmp, "deps.d")
+        cmd = [inv.rustc, *args, *inv.inputs, "--emit", f"dep-info={dep_file}", "-Z", "binary-dep-depinfo"]
+        # binary-dep-depinfo is unstable; it only serves the key, never the real compile
+        env = dict(os.environ, RUSTC_BOOTSTRAP="1")
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False)
+        if proc.returncode != 0 or not os.path.isfile(dep_file):
+            raise Uncacheable("depinfo-failed")
+        with open(dep_file, encoding="utf-8", errors="surrogateescape") as f:
+            return parse_depinfo(f.read())
+
+
+def parse_depinfo(text: str) -> tuple[list[str], list[str]]:
+    lines = text.splitlines()
+    files: list[str] = []
+    if lines:
+        _target, _, deps = lines[0].partition(": ")
+        files = [p.replace("\0", " ") for p in deps.replace("\\ ", "\0").split()]
+    env_deps = [line[len("# env-dep:"):] for line in lines if line.startswith("# env-dep:")]
+    return files, env_deps
+
+
+def native_inputs(inv: Invocation, roots: Roots) -> list[str]:
+    """Static native libraries get bundled into rlibs and linked into bins: hash them."""
+    search = [v.split("=", 1)[1] if "=" in v and v.split("=", 1)[0] in ("native", "all", "crate", "dependency", "framework")
+              else v for v in inv.values("-L") if not v.startswith(("dependency=", "crate="))]
+    out = []
+    for spec in inv.values("-l"):
+        kind, _, name = spec.rpartition("=")
+        if not kind.startswith("static"):
+            continue
+        name = name.split(":", 1)[0]
+        found = next((os.path.join(d, f"lib{name}.a") for d in search if os.path.isfile(os.path.join(d, f"lib{name}.a"))), None)
+        out += [spec, roots.tokenize(found) if found else "absent", hash_file(found) if found else ""]
+    return out
+
+
+# ---------------------------------------------------------------- entries
+
+def pack_entry(header: dict, blobs: list[bytes]) -> bytes:
+    head = json.dumps(header, sort_keys=True).encode()
+    payload = b"".join([len(head).to_bytes(4, "little"), head, *blobs])
+    body = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(payload)
+    return ENTRY_MAGIC + xxhash.xxh3_128_digest(body) + body
+
+
+def unpack_entry(data: bytes) -> tuple[dict, bytes]:
+    if len(data) < len(ENTRY_MAGIC) + 16 or not data.startswith(ENTRY_MAGIC):
+        raise CorruptEntry("bad magic or truncated")
+    digest, body = data[len(ENTRY_MAGIC):len(ENTRY_MAGIC) + 16], data[len(ENTRY_MAGIC) + 16:]
+    if xxhash.xxh3_128_digest(body) != digest:
+        raise CorruptEntry("checksum mismatch")
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(body)
+        n = int.from_bytes(payload[:4], "little")
+        header = json.loads(payload[4:4 + n])
+    except (zstandard.ZstdError, ValueError) as e:
+        raise CorruptEntry(str(e)) from None
+    blob = payload[4 + n:]
+    expected = sum(f["size"] for f in header.get("files", ())) + header.get("stdout", 0) + header.get("stderr", 0)
+    if len(blob) != expected:
+        raise CorruptEntry("size mismatch")
+    return header, blob
+
+
+def marker_entry() -> bytes:
+    return pack_entry({"kind": "path-dependent"}, [])
+
+
+def object_name(key: str) -> str:
+    return f"cache/{key[:2]}/{key}"
+
+
+# ---------------------------------------------------------------- running rustc
+
+def run_rustc_teed(cmd: list[str]) -> tuple[int, bytes, bytes]:
+    """Run rustc, forwarding its output as it comes (cargo starts dependents on the
+    .rmeta artifact notification) while keeping a copy for the cache entry."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=False)
+    captured = {1: [], 2: []}
+
+    def pump(pipe, fd):
+        while chunk := os.read(pipe.fileno(), 65536):
+            captured[fd].append(chunk)
+            os.write(fd, chunk)
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, 1)), threading.Thread(target=pump, args=(proc.stderr, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return proc.wait(), b"".join(captured[1]), b"".join(captured[2])
+
+
+def write_output(path: str, data: bytes, mode: int) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".rsnap-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------- the flow
+
+def warn(message: str, consequence: str = "compiling without the cache") -> None:
+    sys.stderr.write(f"rsnap-rustc: warning: {message}; {consequence}\n")
+    sys.stderr.flush()
+
+
+def compile_cached(inv: Invocation) -> int:
+    store_url = wrapper_stats.resolve_store_url()
+    started = time.monotonic()
+    try:
+        prep = prepare(inv)
+    except Uncacheable as e:
+        wrapper_stats.update(store_url, {"requests": 1, "non_cacheable": 1}, ("non_cacheable_reasons", e.reason))
+        log_event("pass", inv, e.reason)
+        exec_rustc(inv.rustc, inv.args)
+    except Exception as e:  # noqa: BLE001 - never fail a build because of the cache
+        warn(f"cannot compute the cache key ({type(e).__name__}: {e})")
+        wrapper_stats.update(store_url, {"requests": 1, "non_cacheable": 1}, ("non_cacheable_reasons", "key-error"))
+        log_event("pass", inv, "key-error")
+        exec_rustc(inv.rustc, inv.args)
+
+    try:
+        from .store import open_store
+
+        store = open_store(store_url)
+    except Exception as e:  # noqa: BLE001
+        warn(f"store {store_url} unavailable ({e})")
+        wrapper_stats.update(store_url, {"requests": 1, "errors_store": 1})
+        log_event("store-error", inv)
+        exec_rustc(inv.rustc, inv.args)
+
+    counts = {"requests": 1}
+    try:
+        hit = try_restore(store, prep, counts, started)
+    except Exception as e:  # noqa: BLE001
+        warn(f"cache lookup failed ({type(e).__name__}: {e})")
+        wrapper_stats.update(store_url, {"requests": 1, "errors_store": 1})
+        log_event("store-error", inv)
+        exec_rustc(inv.rustc, inv.args)
+    if hit:
+        wrapper_stats.update(store_url, counts)
+        log_event("hit", inv)
+        return 0
+    return compile_and_store(store, store_url, prep, counts)
+
+
+def try_restore(store, prep: Prepared, counts: dict, started: float) -> bool:
+    name = object_name(prep.key)
+    data = _get(store, name)
+    if data is None:
+        return False
+    try:
+        header, blob = unpack_entry(data)
+        if header.get("kind") == "path-dependent":
+            name = object_name(prep.path_key())
+            counts["bytes_read"] = len(data)
+            data = _get(store, name)
+            if data is None:
+                return False
+            header, blob = unpack_entry(data)
+        restore_entry(prep, header, blob)
+    except CorruptEntry as e:
+        sys.stderr.write(f"rsnap-rustc: warning: corrupt cache entry {name} ({e}); deleted, recompiling\n")
+        store.delete(name)
+        counts["errors_corrupt"] = 1
+        return False
+    store.touch(name)
+    elapsed = time.monotonic() - started
+    counts.update(hits=1, bytes_read=counts.get("bytes_read", 0) + len(data), hit_time_s=elapsed,
+                  time_saved_s=max(0.0, header.get("compile_s", 0.0) - elapsed))
+    return True
+
+
+def _get(store, name: str) -> bytes | None:
+    if not store.exists(name):
+        return None
+    from .errors import StoreError
+
+    try:
+        return store.get(name)
+    except StoreError:
+        if not store.exists(name):  # evicted between the two calls
+            return None
+        raise
+
+
+def restore_entry(prep: Prepared, header: dict, blob: bytes) -> None:
+    out_dir = prep.inv.value("--out-dir")
+    files, pos = [], 0
+    for f in header["files"]:
+        data = blob[pos:pos + f["size"]]
+        pos += f["size"]
+        if f.get("tokens"):
+            data = prep.roots.detokenize_bytes(data)
+        files.append((f["name"], data, f["mode"]))
+    if sorted(name for name, _, _ in files) != prep.outputs:
+        raise CorruptEntry("entry does not hold the expected outputs")
+    stdout = prep.roots.detokenize_bytes(blob[pos:pos + header["stdout"]])
+    stderr = prep.roots.detokenize_bytes(blob[pos + header["stdout"]:])
+    os.makedirs(out_dir, exist_ok=True)
+    for name, data, mode in files:
+        write_output(os.path.join(out_dir, name), data, mode)
+    # replay after the files exist: cargo acts on the artifact notifications
+    for fd, data in ((1, stdout), (2, stderr)):
+        if data:
+            os.write(fd, data)
+
+
+def compile_and_store(store, store_url: str, prep: Prepared, counts: dict) -> int:
+    inv = prep.inv
+    t0 = time.monotonic()
+    try:
+        code, stdout, stderr = run_rustc_teed([inv.rustc, *prep.roots.remap_args(), *inv.args])
+    except OSError as e:
+        sys.stderr.write(f"rsnap-rustc: cannot run {inv.rustc}: {e.strerror}\n")
+        return 127
+    compile_s = time.monotonic() - t0
+    counts.update(misses=1, compile_time_s=compile_s)
+    detail = ""
+    if code == 0:
+        try:
+            detail = store_entry(store, prep, stdout, stderr, compile_s, counts)
+        except Exception as e:  # noqa: BLE001
+            warn(f"cannot store the result ({type(e).__name__}: {e})", "the build goes on")
+            counts["errors_store"] = counts.get("errors_store", 0) + 1
+    stats = wrapper_stats.update(store_url, counts)
+    log_event("miss", inv, detail)
+    if counts.get("entries_written") and stats.get("writes_since_size_check", 0) >= SIZE_CHECK_EVERY:
+        try:
+            evict(store, store_url)
+        except Exception as e:  # noqa: BLE001
+            sys.stderr.write(f"rsnap-rustc: warning: cache eviction failed: {e}\n")
+    return code
+
+
+def store_entry(store, prep: Prepared, stdout: bytes, stderr: bytes, compile_s: float, counts: dict) -> str:
+    out_dir = prep.inv.value("--out-dir")
+    files, blobs, embedded = [], [], None
+    for name in prep.outputs:
+        path = os.path.join(out_dir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        is_depinfo = name.endswith(".d")
+        if is_depinfo:
+            data = prep.roots.tokenize_bytes(data)
+        else:
+            embedded = embedded or prep.roots.embedded_in(data)
+        files.append({"name": name, "size": len(data), "mode": os.stat(path).st_mode & 0o777, "tokens": is_depinfo})
+        blobs.append(data)
+    stdout, stderr = prep.roots.tokenize_bytes(stdout), prep.roots.tokenize_bytes(stderr)
+    header = {"kind": "output", "files": files, "stdout": len(stdout), "stderr": len(stderr),
+              "compile_s": round(compile_s, 4), "crate": prep.inv.crate_name}
+    entry = pack_entry(header, [*blobs, stdout, stderr])
+    written = 0
+    if embedded:
+        marker = marker_entry()
+        store.put(object_name(prep.key), marker)
+        store.put(object_name(prep.path_key()), entry)
+        written = len(marker) + len(entry)
+        counts["misses_path_dependent"] = 1
+    else:
+        store.put(object_name(prep.key), entry)
+        written = len(entry)
+    counts.update(bytes_written=written, entries_written=1, writes_since_size_check=1)
+    return f"path-dependent:{embedded}" if embedded else ""
+
+
+def evict(store, store_url: str) -> None:
+    """Drop the least recently used entries (oldest mtime; hits touch) above the limit."""
+    import fcntl
+
+    lock_dir = wrapper_stats.store_state_dir(store_url)
+    with open(os.path.join(lock_dir, "evict.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # another wrapper is already evicting
+        wrapper_stats.set_values(store_url, {"writes_since_size_check": 0})
+        limit = wrapper_stats.cache_size_limit()
+        objects = store.stat_all("cache/")
+        total = sum(size for _, size, _ in objects)
+        evicted = freed = 0
+        if total > limit:
+            for name, size, _mtime in sorted(objects, key=lambda o: o[2]):
+                if total - freed <= limit * EVICT_TO:
+                    break
+                store.delete(name)
+                evicted += 1
+                freed += size
+        wrapper_stats.update(store_url, {"evicted_entries": evicted, "evicted_bytes": freed})
+        wrapper_stats.set_values(store_url, {"cache_size_bytes": total - freed, "cache_entries": len(objects) - evicted})

@@ -1,0 +1,106 @@
+"""Property: after any sequence of CI runs (checkout with edits, restore, build, save),
+the program equals a clean build of the same sources. Never stale.
+
+Each hypothesis step is one CI run on a cold runner: fresh clone at the same path,
+the step's edits (before or after the restore), `rsnap restore`, `cargo build`,
+compare with a from-scratch build, `rsnap save`. Set RSNAP_PROPERTY_EXAMPLES for
+longer runs locally.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from cargo_util import create_workspace
+from rsnap_util import rsnap
+
+EXAMPLES = int(os.environ.get("RSNAP_PROPERTY_EXAMPLES", "12"))
+
+WORDS = st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "zeta"]), min_size=1, max_size=4)
+TOKEN = st.integers(min_value=1, max_value=6)
+
+# An op: (kind, argument). Kinds mutate the checked-in sources of one crate.
+OPS = st.one_of(
+    st.tuples(st.just("core_rev"), TOKEN),
+    st.tuples(st.just("app_rev"), TOKEN),
+    st.tuples(st.just("util_name"), TOKEN),
+    st.tuples(st.just("macro_stamp"), TOKEN),
+    st.tuples(st.just("words"), WORDS),
+    st.tuples(st.just("core_extra_add"), TOKEN),
+    st.tuples(st.just("core_extra_delete"), st.just(0)),
+    st.tuples(st.just("revert"), st.sampled_from(["crates/core", "crates/app", "crates/util", "crates/gen", "crates/macros"])),
+    st.tuples(st.just("regdep"), st.sampled_from(["1.0.0", "1.0.1", "1.1.0"])),
+)
+STEP = st.tuples(st.lists(OPS, min_size=1, max_size=3), st.booleans())  # (ops, edit after restore)
+
+_CORE_FMT = 'format!("{} rev={}", NAME, REVISION)'
+_CORE_FMT_EXTRA = 'format!("{} rev={} extra={}", NAME, REVISION, extra::EXTRA)'
+
+
+def _sub(ws, path, pattern_start, new_line):
+    """Replace the line starting with pattern_start."""
+    lines = ws.read(path).splitlines(keepends=True)
+    lines = [new_line + "\n" if l.startswith(pattern_start) else l for l in lines]
+    ws.write(path, "".join(lines))
+
+
+def apply_op(ws, op) -> None:
+    kind, arg = op
+    if kind == "core_rev":
+        _sub(ws, "crates/core/src/lib.rs", "pub const REVISION", f"pub const REVISION: u32 = {arg};")
+    elif kind == "app_rev":
+        _sub(ws, "crates/app/src/main.rs", "const APP_REVISION", f"const APP_REVISION: u32 = {arg};")
+    elif kind == "util_name":
+        _sub(ws, "crates/util/src/lib.rs", "pub const NAME", f'pub const NAME: &str = "ws-util-{arg}";')
+    elif kind == "macro_stamp":
+        _sub(ws, "crates/macros/src/lib.rs", "const STAMP", f'const STAMP: &str = "ws-macros stamp v{arg}";')
+    elif kind == "words":
+        ws.write("crates/gen/data/words.txt", " ".join(arg) + "\n")
+    elif kind == "core_extra_add":
+        ws.write("crates/core/src/extra.rs", f'pub const EXTRA: &str = "extra-{arg}";\n')
+        text = ws.read("crates/core/src/lib.rs")
+        if "pub mod extra;" not in text:
+            text = text.replace(_CORE_FMT, _CORE_FMT_EXTRA) + "pub mod extra;\n"
+            ws.write("crates/core/src/lib.rs", text)
+    elif kind == "core_extra_delete":
+        ws.path("crates/core/src/extra.rs").unlink(missing_ok=True)
+        text = ws.read("crates/core/src/lib.rs")
+        ws.write("crates/core/src/lib.rs", text.replace("pub mod extra;\n", "").replace(_CORE_FMT_EXTRA, _CORE_FMT))
+    elif kind == "revert":
+        ws.git("checkout", "origin-initial", "--", arg)
+        ws.git("clean", "-fdq", "--", arg)
+    elif kind == "regdep":
+        ws.cargo("update", "-p", "regdep", "--precise", arg)
+
+
+@pytest.fixture(scope="module")
+def ci_workspace(registry, gitdep_url, tmp_path_factory):
+    ws = create_workspace(tmp_path_factory.mktemp("prop") / "ws", registry.index_url, gitdep_url)
+    ws.git("tag", "origin-initial")
+    ws.git("push", "-q", "origin", "origin-initial")
+    return ws, ws.root.parent / "store"
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=bool(os.environ.get("CI")),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(STEP, min_size=1, max_size=3))
+def test_restored_build_is_never_stale(ci_workspace, steps):
+    ws, store = ci_workspace
+    for ops, edit_after_restore in steps:
+        ws.clone_fresh(allow_dirty=True)
+        shutil.rmtree(ws.cargo_home / "registry", ignore_errors=True)
+        if not edit_after_restore:
+            for op in ops:
+                apply_op(ws, op)
+        rsnap(ws, store, "restore", "--json").check()
+        if edit_after_restore:
+            for op in ops:
+                apply_op(ws, op)
+        ws.build("build")
+        expected = ws.clean_output()
+        assert ws.run_app() == expected, f"stale build after {ops} (edit after restore: {edit_after_restore})"
+        rsnap(ws, store, "save", "--json").check()
+        ws.commit(f"ci run {ops}")
