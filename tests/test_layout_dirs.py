@@ -1,0 +1,45 @@
+"""Target and build dirs are found the way cargo finds them: CARGO_TARGET_DIR, build.build-dir."""
+from __future__ import annotations
+
+import shutil
+
+from cargo_util import create_workspace
+from rsnap_util import rsnap
+
+
+def _cold(ws, *extra_dirs):
+    ws.clone_fresh(allow_dirty=True)
+    for d in extra_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(ws.cargo_home / "registry", ignore_errors=True)
+
+
+def test_custom_target_dir_and_separate_build_dir(registry, gitdep_url, tmp_path):
+    ws = create_workspace(tmp_path / "ws", registry.index_url, gitdep_url)
+    target, build = tmp_path / "out-target", tmp_path / "out-build"
+    ws.env.update(CARGO_TARGET_DIR=str(target), CARGO_BUILD_BUILD_DIR=str(build))
+    ws.build("build")
+    assert (build / "debug" / ".fingerprint").is_dir() and (target / "debug" / "app").is_file()
+    store = tmp_path / "store"
+    saved = rsnap(ws, store, "save", "--json").check().data
+    status = rsnap(ws, store, "status", "--json").check().data
+    assert status["target_dir"] == str(target) and status["build_dir"] == str(build)
+    _cold(ws, target, build)
+    res = rsnap(ws, store, "restore", "--json").check().data
+    assert res["result"] == "exact" and res["files_written"] >= saved["files"] - 5
+    assert (build / "debug" / ".fingerprint").is_dir()
+    out = ws.build("build", "--offline")
+    assert out.all_fresh(), out.summary()
+    assert not (ws.root / "target").exists()
+
+
+def test_key_reports_its_inputs_and_changes_with_rustflags(built_workspace, tmp_path):
+    ws = built_workspace
+    plain = rsnap(ws, tmp_path / "s", "key", "--json").check().data
+    assert plain["key"].startswith(plain["restore_prefix"])
+    assert plain["inputs"]["workspace_root"] == str(ws.root)
+    assert plain["inputs"]["cargo_home"] == str(ws.cargo_home)
+    flagged = rsnap(ws, tmp_path / "s", "key", "--json", env_extra={"RUSTFLAGS": "-Cdebug-assertions=off"}).check().data
+    assert flagged["inputs"]["env"]["RUSTFLAGS"] == "-Cdebug-assertions=off"
+    assert flagged["key"] != plain["key"]
+    assert flagged["restore_prefix"] == plain["restore_prefix"]
