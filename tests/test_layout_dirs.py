@@ -26,7 +26,7 @@ def test_custom_target_dir_and_separate_build_dir(registry, gitdep_url, tmp_path
     assert status["target_dir"] == str(target) and status["build_dir"] == str(build)
     _cold(ws, target, build)
     res = rsnap(ws, store, "restore", "--json").check().data
-    assert res["result"] == "exact" and res["files_written"] >= saved["files"] - 5
+    assert res["result"] == "exact" and 0 < res["files_written"] <= saved["files"]
     assert (build / "debug" / ".fingerprint").is_dir()
     out = ws.build("build", "--offline")
     assert out.all_fresh(), out.summary()
