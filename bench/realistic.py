@@ -8,7 +8,9 @@ fills ``$CARGO_HOME/registry`` by itself, exactly as with crates.io.
 
 The workspace has six members (a lib chain, a proc-macro and a bin) that depend
 on serde/serde_json, regex, clap (derive), anyhow, thiserror, itertools, rand,
-log, memchr, smallvec, bytes, once_cell and syn/quote/proc-macro2: ~60 units.
+log, memchr, smallvec, bytes, once_cell, syn/quote/proc-macro2, env_logger, rayon,
+flate2, indexmap, petgraph, parking_lot and tracing: ~60 packages, ~100 units, a clean
+debug build of 30-50 s on 2 cores.
 
 Layout under ``root``::
 
@@ -28,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,15 +76,20 @@ def missing_crates() -> list[str]:
     return [name for name in REQUIRED_CRATES if name not in have]
 
 
+def apt_install(packages: list[str]) -> None:
+    """apt-get install ``packages``; runs apt-get update first only if the install fails."""
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        run(["apt-get", "update", "-q"], env=env)
+        run(install, env=env)
+
+
 def ensure_debian_crates() -> None:
     """apt-get install the librust-*-dev packages unless their crates are already there."""
     if not missing_crates():
         return
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        run(["apt-get", "update", "-q"], env=env)
-        run(install, env=env)
+    apt_install(DEBIAN_PACKAGES)
     if missing_crates():
         raise RuntimeError(f"crates still missing after apt-get install: {missing_crates()}")
 
@@ -126,7 +133,7 @@ def member_toml(name: str, deps: dict[str, str], kind: str = "lib") -> str:
     return "\n".join(lines) + "\n"
 
 
-def core_src(n: int = 40) -> str:
+def core_src(n: int = 160) -> str:
     """Many serde-derived records: a few seconds of real codegen."""
     parts = ["use serde::{Deserialize, Serialize};", "",
              "#[derive(Debug, thiserror::Error)]",
@@ -139,8 +146,8 @@ def core_src(n: int = 40) -> str:
                   f"pub struct Record{i} {{ pub id: u64, pub name: String, pub tags: Vec<String>, "
                   f"pub score: f64, pub parent: Option<u64> }}", "",
                   f"impl Record{i} {{",
-                  f"    pub fn roundtrip(&self) -> Result<Self, CoreError> {{",
-                  f"        Ok(serde_json::from_str(&serde_json::to_string(self)?)?)",
+                  "    pub fn roundtrip(&self) -> Result<Self, CoreError> {",
+                  "        Ok(serde_json::from_str(&serde_json::to_string(self)?)?)",
                   "    }", "}", ""]
     parts += ["pub fn parse_records(text: &str) -> Result<Vec<Record0>, CoreError> {",
               "    if text.trim().is_empty() { return Err(CoreError::Empty); }",
@@ -176,7 +183,7 @@ pub fn derive_describe(input: TokenStream) -> TokenStream {
 """
 
 
-def text_src(n: int = 20) -> str:
+def text_src(n: int = 120) -> str:
     parts = ["use itertools::Itertools;", "use once_cell::sync::Lazy;", "use regex::Regex;", "",
              r'static WORD: Lazy<Regex> = Lazy::new(|| Regex::new(r"[A-Za-z][A-Za-z0-9_]*").unwrap());', "",
              "pub fn words(text: &str) -> Vec<String> {",
@@ -186,14 +193,14 @@ def text_src(n: int = 20) -> str:
              "    words(text).into_iter().counts().into_iter()",
              "        .sorted_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0))).take(k).collect()", "}", ""]
     for i in range(n):
-        parts += [f"pub fn rule{i}(text: &str) -> Vec<core_types::Record{i % 40}> {{",
+        parts += [f"pub fn rule{i}(text: &str) -> Vec<core_types::Record{i % 160}> {{",
                   f"    words(text).into_iter().enumerate().filter(|(j, _)| j % {i + 2} == 0)",
-                  f"        .map(|(j, w)| core_types::Record{i % 40} {{ id: j as u64, name: w.clone(), "
+                  f"        .map(|(j, w)| core_types::Record{i % 160} {{ id: j as u64, name: w.clone(), "
                   f"tags: vec![w], score: {i}.0, parent: None }}).collect()", "}", ""]
     return "\n".join(parts) + "\n"
 
 
-def model_src(n: int = 20) -> str:
+def model_src(n: int = 120) -> str:
     parts = ["use bytes::{BufMut, BytesMut};", "use rand::{Rng, SeedableRng};", "use smallvec::SmallVec;",
              "use derive_macros::Describe;", ""]
     for i in range(n):
@@ -344,10 +351,12 @@ class Realistic:
     ws: Path
     cargo_home: Path
     server: mkregistry.RegistryServer
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
-        return cargo_env(self.cargo_home)
+        """Environment for cargo and rsnap: CARGO_HOME set, cargo-affecting variables stripped."""
+        return cargo_env(self.cargo_home, **self.extra_env)
 
     @property
     def target(self) -> Path:
@@ -378,8 +387,10 @@ def make_origin(origin: Path, env: dict[str, str]) -> None:
     git("commit", "-q", "-m", "realistic bench workspace", cwd=origin)
 
 
-def setup(root: Path, fetch: bool = True) -> Realistic:
-    """Create everything under ``root`` (wiped first, except the staged crates) and start the server."""
+def setup(root: Path, fetch: bool = True, extra_env: dict[str, str] | None = None) -> Realistic:
+    """Create everything under ``root`` (wiped first, except the staged crates) and start the server.
+
+    ``extra_env`` is added to every cargo/rsnap run (e.g. ``CARGO_INCREMENTAL=0``)."""
     root = Path(root).resolve()
     ensure_debian_crates()
     for name in ("cargo-home", "origin", "ws"):
@@ -389,10 +400,10 @@ def setup(root: Path, fetch: bool = True) -> Realistic:
     cargo_home = cargohome.make_cargo_home(root / "cargo-home", server.index_url)
     env = cargo_env(cargo_home)
     make_origin(root / "origin", env)
-    bench = Realistic(root, root / "origin", root / "ws", cargo_home, server)
+    bench = Realistic(root, root / "origin", root / "ws", cargo_home, server, dict(extra_env or {}))
     bench.fresh_clone()
     if fetch:
-        run(["cargo", "fetch"], cwd=bench.ws, env=env)
+        run(["cargo", "fetch"], cwd=bench.ws, env=bench.env)
     return bench
 
 

@@ -6,11 +6,12 @@ import json
 import os
 import sys
 import time
+import tomllib
 from typing import List, Optional
 
 import typer
 
-from . import __version__, keys, repo, snapshot
+from . import __version__, gc, keys, repo, snapshot, usage
 from .cargo_layout import discover, RSNAP_DIR
 from .errors import RsnapError, StoreError, EXIT_USAGE, EXIT_NOSPACE
 from .progress import human_bytes
@@ -66,15 +67,16 @@ def restore(
     try:
         st = open_store(store, create=False)
     except StoreError as e:
-        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)")
+        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
     name, kind = repo.find_snapshot(st, k, prefixes)
     if name is None:
-        return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch")
+        return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
+                     "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
     m = repo.read_manifest(st, name)
     if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
         return _miss(as_json, quiet, base, started,
                      f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
-                     "treated as a miss (see --allow-relocate)")
+                     "treated as a miss (see --allow-relocate)", ws)
     with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = snapshot.restore_interrupted(ws)
         out = snapshot.restore(ws, st, name, m, progress=None if not (as_json or quiet) else False)
@@ -88,30 +90,89 @@ def restore(
           f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
 
 
-def _miss(as_json, quiet, base, started, message):
+def _miss(as_json, quiet, base, started, message, ws=None):
+    if ws is not None:
+        snapshot.arm_usage(ws)
     data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
             "seconds": round(time.monotonic() - started, 3)}
     _emit(as_json, data, f"rsnap: miss: {message}", quiet)
 
 
+NoGcOpt = typer.Option(False, "--no-gc", help="Skip garbage collection before saving.")
+MaxSizeOpt = typer.Option(None, "--max-size", envvar="RSNAP_MAX_SIZE",
+                          help="Size cap for target + build dirs (e.g. 2G); least recently used units go first. "
+                               "Also [workspace.metadata.rsnap] max-size in Cargo.toml.")
+KeepHomeOpt = typer.Option(False, "--keep-cargo-home",
+                           help="Do not prune $CARGO_HOME (shared by several projects on a persistent runner).")
+
+
 @app.command()
 def save(
     store: Optional[str] = StoreOpt, key: Optional[str] = KeyOpt,
-    manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    manifest_path: Optional[str] = ManifestOpt, no_gc: bool = NoGcOpt, max_size: Optional[str] = MaxSizeOpt,
+    keep_cargo_home: bool = KeepHomeOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
-    """Save the target dir and CARGO_HOME caches as a snapshot; only new content is written."""
+    """Garbage-collect, then save the target dir and CARGO_HOME caches; only new content is written."""
     ws = discover(manifest_path, with_deps=True)
+    cap = _max_size(ws, max_size)
     k, inputs = _key_and_inputs(ws, key)
     st = open_store(store)
     with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         if snapshot.restore_interrupted(ws):
             raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
                              "(or delete the target dir) before saving", EXIT_USAGE)
+        gc_report = gc.before_save(ws, enabled=not no_gc, max_size=cap, cargo_home=not keep_cargo_home)
         out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False)
-    _emit(as_json, {**out, "store": st.url},
+        snapshot.arm_usage(ws)
+    if gc_report and not as_json and not quiet:
+        sys.stderr.write(gc.format_report(gc_report) + "\n")
+    _emit(as_json, {**out, "store": st.url, "gc": gc_report},
           f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
           f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
+
+
+@app.command("gc")
+def gc_command(
+    manifest_path: Optional[str] = ManifestOpt, max_size: Optional[str] = MaxSizeOpt,
+    keep_cargo_home: bool = KeepHomeOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be removed; remove nothing."),
+    as_json: bool = JsonOpt,
+):
+    """Remove stale units, old incremental sessions and unreferenced CARGO_HOME downloads."""
+    ws = discover(manifest_path)
+    report = gc.collect(ws, dry_run=dry_run, max_size=_max_size(ws, max_size), cargo_home=not keep_cargo_home)
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(gc.format_report(report))
+
+
+@app.command("cargo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def cargo_command(ctx: typer.Context):
+    """Run cargo and record which units it used (exact liveness for `rsnap gc`), e.g. `rsnap cargo build`."""
+    args = list(ctx.args)
+    manifest = next((a.split("=", 1)[1] for a in args if a.startswith("--manifest-path=")), None)
+    if manifest is None and "--manifest-path" in args[:-1]:
+        manifest = args[args.index("--manifest-path") + 1]
+    raise typer.Exit(usage.run_cargo(args, discover(manifest)))
+
+
+def _max_size(ws, option: Optional[str]) -> Optional[int]:
+    text = option
+    if text is None:
+        try:
+            with open(ws.root / "Cargo.toml", "rb") as f:
+                doc = tomllib.load(f)
+            text = doc.get("workspace", {}).get("metadata", {}).get("rsnap", {}).get("max-size")
+        except (OSError, tomllib.TOMLDecodeError):
+            text = None
+    if text is None:
+        return None
+    try:
+        return gc.parse_size(str(text))
+    except ValueError as e:
+        raise RsnapError(str(e), EXIT_USAGE) from None
 
 
 @app.command()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from .cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path
 from .errors import FormatError
 
 FORMAT_VERSION = 1
@@ -92,20 +93,20 @@ def loads(data: bytes) -> Manifest:
     try:
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
         doc = json.loads(raw)
-    except (zstandard.ZstdError, ValueError, UnicodeDecodeError) as e:
+    except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError, MemoryError) as e:
         raise FormatError(f"snapshot manifest is corrupt ({type(e).__name__})") from None
     if not isinstance(doc, dict):
         raise FormatError("snapshot manifest is not an object")
     fmt = doc.get("format")
-    if not isinstance(fmt, int):
-        raise FormatError("snapshot manifest has no format version")
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise FormatError("snapshot manifest has no valid format version")
     if fmt > FORMAT_VERSION:
         raise FormatError(
             f"snapshot was written by a newer rsnap (format {fmt}, this rsnap reads {FORMAT_VERSION}); upgrade rsnap")
     try:
         return _build(doc)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise FormatError(f"snapshot manifest is malformed ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        raise FormatError(f"snapshot manifest is malformed ({type(e).__name__}: {e})"[:300]) from None
 
 
 def _build(doc: dict) -> Manifest:
@@ -119,20 +120,62 @@ def _build(doc: dict) -> Manifest:
         for n in (off, clen, size):
             _require(isinstance(n, int) and 0 <= n <= MAX_FILE_SIZE, "bad blob offset or size")
     roots = []
+    _require(isinstance(doc["roots"], list), "roots must be a list")
     for r in doc["roots"]:
-        _require(r["name"] in ("target", "build", "cargo_home"), f"unknown root {r['name']!r}")
+        name = r["name"]
+        _require(name in ("target", "build", "cargo_home"), f"unknown root {name!r}")
+        _require(all(o.name != name for o in roots), f"root {name} appears twice")
+        _require(bool(r.get("merge")) == (name == "cargo_home"), f"bad merge flag for root {name}")
+        _require(isinstance(r["entries"], list), "entries must be a list")
         entries = [_entry(e, blobs) for e in r["entries"]]
-        roots.append(Root(name=r["name"], path=str(r["path"]), entries=entries, merge=bool(r.get("merge"))))
+        _check_tree(name, entries)
+        roots.append(Root(name=name, path=str(r["path"]), entries=entries, merge=name == "cargo_home"))
     sources = doc.get("sources", [])
+    _require(isinstance(sources, list), "sources must be a list")
     for s in sources:
-        _require(isinstance(s, list) and len(s) == 5 and isinstance(s[0], str), "bad source record")
+        _require(isinstance(s, list) and len(s) == 5, "bad source record")
+        path, typ, size, mtime_ns, digest = s
+        _check_source_path(path)
+        _require(typ in (FILE, DIR) and isinstance(digest, str), f"bad source record for {path}")
+        _require(isinstance(size, int) and 0 <= size <= MAX_FILE_SIZE, f"bad source size for {path}")
+        _require(isinstance(mtime_ns, int) and 0 <= mtime_ns < 1 << 63, f"bad source mtime for {path}")
+    source_dirs = doc.get("source_dirs", [])
+    _require(isinstance(source_dirs, list), "source_dirs must be a list")
+    for d in source_dirs:
+        _check_source_path(d)
+    created_ns = doc["created_ns"]
+    _require(isinstance(created_ns, int) and 0 <= created_ns < 1 << 63, "bad created_ns")
     return Manifest(
         format=doc["format"], rsnap_version=str(doc.get("rsnap_version", "?")), key=str(doc["key"]),
-        created_ns=int(doc["created_ns"]), workspace_root=str(doc["workspace_root"]),
+        created_ns=created_ns, workspace_root=str(doc["workspace_root"]),
         cargo_home=str(doc["cargo_home"]), key_inputs=dict(doc.get("key_inputs", {})),
-        roots=roots, sources=sources, source_dirs=[str(d) for d in doc.get("source_dirs", [])],
-        blobs=blobs,
+        roots=roots, sources=sources, source_dirs=source_dirs, blobs=blobs,
     )
+
+
+def _check_tree(root: str, entries: list[Entry]) -> None:
+    """Each path once; nothing below a file or a symlink; nothing rsnap or cargo keeps out of snapshots."""
+    types: dict[str, str] = {}
+    for e in entries:
+        _require(e.path not in types, f"path {e.path} appears twice in root {root}")
+        types[e.path] = e.type
+        if root == "cargo_home":
+            _require(any(e.path.startswith(t + "/") for t in CARGO_HOME_TREES) and not is_cargo_home_excluded(e.path),
+                     f"{e.path} is not a cargo cache path")
+        else:
+            _require(not is_excluded_target_path(e.path), f"{e.path} is never part of a snapshot")
+    for path in types:
+        parent = path
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            _require(types.get(parent, DIR) == DIR, f"{path} is below a non-directory in root {root}")
+
+
+def _check_source_path(path) -> None:
+    """Source records: relative to the workspace root (no `..`), or absolute and normalized."""
+    _require(isinstance(path, str) and path and "\x00" not in path, "bad source path")
+    _require(path == "." or posixpath.normpath(path) == path, f"unnormalized source path {path!r}")
+    _require(".." not in path.split("/") and path != "/", f"bad source path {path!r}")
 
 
 def _entry(raw, blobs: dict) -> Entry:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import xxhash
 
-from . import cargo_layout
+from . import cargo_layout, faults
 from .scan import hash_file
 
 _SKIP_DIRS = {".git", ".hg", ".svn", cargo_layout.RSNAP_DIR}
@@ -167,7 +167,9 @@ def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact
     by_name = {s[0]: s for s in sources}
     seen: set[str] = set()
     skip = _skip_dirs(ws)
-    tops = {_resolve(d, ws.root) for d in recorded_dirs} | set(source_dirs(ws))
+    # recorded dirs are package dirs; anything else in a (hostile) manifest is not walked
+    tops = {t for t in (_resolve(d, ws.root) for d in recorded_dirs) if (t / "Cargo.toml").is_file()}
+    tops |= set(source_dirs(ws))
     for top in sorted(tops):
         if not top.is_dir():
             continue
@@ -212,9 +214,11 @@ def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bum
             else:
                 os.utime(path, ns=(st.st_atime_ns, recorded_mtime))
                 stats.retimed += 1
+                faults.point("restore.retime")
         elif st.st_mtime_ns <= newest_artifact_ns:
             os.utime(path, ns=(st.st_atime_ns, bump_ns))
             stats.bumped += 1
+            faults.point("restore.retime")
         else:
             stats.newer += 1
     except OSError:

@@ -5,6 +5,7 @@ save writes its packs before its manifest, and must not lose them in between.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 from . import repo
@@ -14,6 +15,14 @@ GRACE_SECONDS = 3600
 
 
 def prune(store, keep: int = 1, dry_run: bool = False, grace_seconds: int = GRACE_SECONDS) -> dict:
+    """Holds the store lock exclusively: a save in progress (shared lock) may be about to
+    reference packs of the snapshots deleted here."""
+    lock = store.lock(exclusive=True) if hasattr(store, "lock") and not dry_run else contextlib.nullcontext()
+    with lock:
+        return _prune(store, keep, dry_run, grace_seconds)
+
+
+def _prune(store, keep: int, dry_run: bool, grace_seconds: int) -> dict:
     by_key: dict[str, list[str]] = {}
     for name, key, _created in repo.list_snapshots(store):
         by_key.setdefault(key, []).append(name)

@@ -83,12 +83,20 @@ def read_blob(store, loc: list, digest: str, pack_cache: dict | None = None) -> 
     raw = None
     if pack_cache is not None and pack_id in pack_cache:
         raw = pack_cache[pack_id][off:off + clen]
+        if len(raw) != clen:
+            raise StoreError(f"store object {pack_name(pack_id)} is truncated")
     if raw is None:
         raw = store.get_range(pack_name(pack_id), off, clen)
     try:
+        # rsnap writes the content size into every frame; checking it first keeps a hostile
+        # frame from making zstd allocate more than the manifest's size for this blob
+        if zstandard.frame_content_size(raw) != size:
+            raise StoreError(f"blob {digest} in pack {pack_id} is corrupt (wrong frame size)")
         data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=max(size, 1))
     except zstandard.ZstdError:
         raise StoreError(f"blob {digest} in pack {pack_id} is corrupt") from None
+    except MemoryError:
+        raise StoreError(f"blob {digest} in pack {pack_id} is too large to decompress ({size} bytes)") from None
     if len(data) != size or digest_bytes(data) != digest:
         raise StoreError(f"blob {digest} in pack {pack_id} is corrupt (content hash mismatch)")
     return data

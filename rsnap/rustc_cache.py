@@ -15,10 +15,28 @@ Key (xxh3_128 over, in order):
     not only `--extern`), by content, under its tokenized path; toolchain files are
     covered by the toolchain digest.  Linked outputs hash the `.rlib` next to a listed
     `.rmeta`, because the linker reads the rlib;
-  * `# env-dep:` values and the CARGO_* / OUT_DIR / RUSTC_BOOTSTRAP environment rustc
-    sees, tokenized (cargo's config-only variables such as CARGO_MAKEFLAGS, jobs,
-    CARGO_TERM_*, CARGO_PROFILE_* are left out: they reach rustc as arguments);
-  * `-l static=` archives found on the `-L` paths and a `--target <spec>.json`, by content.
+  * the values of the `# env-dep:` variables and the CARGO_* / OUT_DIR / RUSTC_BOOTSTRAP
+    environment rustc sees, tokenized (cargo's config-only variables such as
+    CARGO_MAKEFLAGS, jobs, CARGO_TERM_*, CARGO_PROFILE_* are left out: they reach rustc
+    as arguments);
+  * `-l static=` archives found on the `-L` paths and a `--target <spec>.json`, by
+    content; the host CPU when `-C target-cpu=native` is asked for.
+
+Direct mode.  Everything but the files and env-deps forms a base key.  Each stored
+compilation also writes a small manifest under the base key listing (tokenized) the
+files and env var names of its dep-info; a lookup first computes the full key from that
+list (hashing the files, no rustc call) and only runs the dep-info pass if that misses.
+Given the same arguments and environment, rustc reads the same files as long as the
+files it read have the same content, so a manifest hit is the key the pass would give;
+the one gap is a new file that would make `mod foo;` ambiguous (a compile error rustc
+would report; the manifest hit compiles it as before).
+
+Entries: one store object `cache/<k0k1>/<key>` per compilation: magic, xxh3_128 of the
+body, zstd body (frame checksum) holding a JSON header (file names, sizes, modes,
+stdout/stderr lengths, compile time) and the bytes.  A bad checksum, zstd error or size
+mismatch is a corrupt entry: deleted and recompiled.  LRU: hits touch the object; every
+SIZE_CHECK_EVERY entries written, one wrapper sums `cache/` and deletes the oldest
+objects (mtime) down to 90% of RSNAP_CACHE_SIZE.
 
 Roots.  The paths that differ between checkouts and runners are the workspace root
 (cargo's cwd for path crates), `$CARGO_HOME` (registry and git crates: cwd is the
@@ -93,6 +111,25 @@ _SYSTEM_LINK_FILES = (
 )
 
 
+class Phases:
+    """Wall time per phase of one call, appended to RSNAP_WRAPPER_LOG lines."""
+
+    def __init__(self):
+        self.t = time.monotonic()
+        self.times: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v:.3f}" for k, v in self.times.items())
+
+
+PHASES = Phases()
+
+
 class Uncacheable(Exception):
     """Raised while preparing the key: the call is compiled plainly, counted with `reason`."""
 
@@ -128,20 +165,32 @@ def _stat_id(path: str) -> str:
     return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
+def _stat_ids(paths: list[str]) -> list[str]:
+    out = []
+    for p in paths:
+        try:
+            out.append(_stat_id(p))
+        except OSError:
+            out.append(f"{p}|absent")
+    return out
+
+
 def _digest_cache(kind: str, ident: str, compute) -> dict:
     """A small JSON file per (kind, ident) in the state dir, so toolchain-wide digests
-    are computed once per runner instead of once per rustc call."""
+    are computed once per runner instead of once per rustc call.  A value listing the
+    `files` it hashed is recomputed when one of them changed (size, mtime, inode)."""
     d = os.path.join(wrapper_stats.state_dir(), kind)
     path = os.path.join(d, hash_strings([ident]) + ".json")
     try:
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("ident") == ident:
+        if cached.get("ident") == ident and cached.get("stats") == _stat_ids(cached.get("files", [])):
             return cached
     except (OSError, ValueError):
         pass
     value = compute()
     value["ident"] = ident
+    value["stats"] = _stat_ids(value.get("files", []))
     try:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
@@ -195,20 +244,22 @@ def link_env_digest(inv: Invocation, toolchain: dict) -> str:
 
 
 def _compute_link_env(linker: str, toolchain: dict) -> dict:
-    parts = ["linker", hash_file(linker)]
+    files = {"linker": os.path.realpath(linker)}
     ld = _run([linker, "-print-prog-name=ld"]).strip()
     ld = ld if os.path.isabs(ld) else shutil.which(ld)
     if ld:
-        parts += ["ld", hash_file(ld)]
+        files["ld"] = os.path.realpath(ld)
     for name in _SYSTEM_LINK_FILES:
         found = _run([linker, f"-print-file-name={name}"]).strip()
-        parts += [name, hash_file(found) if os.path.isabs(found) and os.path.isfile(found) else "absent"]
+        if os.path.isabs(found) and os.path.isfile(found):
+            files[name] = os.path.realpath(found)
     rustlib_bin = os.path.join(toolchain["sysroot"], "lib", "rustlib", toolchain["host"], "bin")
-    for dirpath, _dirs, files in sorted(os.walk(rustlib_bin)):
-        for name in sorted(files):
+    for dirpath, _dirs, names in sorted(os.walk(rustlib_bin)):
+        for name in sorted(names):
             path = os.path.join(dirpath, name)
-            parts += [os.path.relpath(path, rustlib_bin), hash_file(path)]
-    return {"digest": hash_strings(parts)}
+            files[os.path.relpath(path, rustlib_bin)] = os.path.realpath(path)
+    parts = [f"{label}={hash_file(path)}" for label, path in sorted(files.items())]
+    return {"digest": hash_strings(parts), "files": sorted(set(files.values()))}
 
 
 # ---------------------------------------------------------------- roots and tokens
@@ -249,6 +300,13 @@ class Roots:
                 data = data.replace(p, f"@RSNAP:{tok}@".encode())
         return data
 
+    def detokenize(self, text: str) -> str:
+        for tok, path, _ in self.entries:
+            text = text.replace(f"@RSNAP:{tok}@", path)
+        if "@RSNAP:" in text:
+            raise CorruptEntry("stored path names a root this runner does not have")
+        return text
+
     def detokenize_bytes(self, data: bytes) -> bytes:
         for tok, path, _ in self.entries:
             data = data.replace(f"@RSNAP:{tok}@".encode(), path.encode())
@@ -264,10 +322,16 @@ class Roots:
         return [f"--remap-path-prefix={path}={remap}" for _tok, path, remap in order]
 
     def embedded_in(self, data: bytes) -> str | None:
-        for tok, path, _ in self.entries:
-            if path.encode() in data:
+        for tok, path in self.scan_roots():
+            if path in data:
                 return tok
         return None
+
+    def scan_roots(self) -> list[tuple[str, bytes]]:
+        # a root inside another root can only occur where the outer one does
+        paths = sorted({path for _tok, path, _ in self.entries}, key=len)
+        outer = [p for i, p in enumerate(paths) if not any(p.startswith(q + os.sep) or p == q for q in paths[:i])]
+        return [(tok, path.encode()) for tok, path, _ in self.entries if path in outer]
 
     def real_paths(self) -> list[str]:
         return [f"{tok}={path}" for tok, path, _ in sorted(self.entries)]
@@ -289,16 +353,31 @@ def target_root(out_dir: str, target: str | None) -> str | None:
 # ---------------------------------------------------------------- the key
 
 class Prepared:
-    def __init__(self, inv, toolchain, roots, key, linked, outputs):
+    """Everything known before the dep-info pass; `key` is set once the inputs are known."""
+
+    def __init__(self, inv, toolchain, roots, base_key, linked, outputs):
         self.inv = inv
         self.toolchain = toolchain
         self.roots = roots
-        self.key = key
+        self.base_key = base_key  # args, env, toolchain, native libs: not the files read
+        self.key = None
+        self.inputs = None  # (files, env var names) from the dep-info pass
         self.linked = linked
         self.outputs = outputs  # file names rustc will write into --out-dir
 
     def path_key(self) -> str:
         return hash_strings([self.key, *self.roots.real_paths()])
+
+    def full_key(self, files: list[str], env_names: list[str]) -> str:
+        """The key from the files and env vars rustc reads (dep-info or a manifest)."""
+        parts = [self.base_key, "files"]
+        for path in files:
+            parts += file_for_key(path, self.toolchain, self.roots, self.linked)
+        parts.append("env-deps")
+        for name in env_names:
+            value = os.environ.get(name)
+            parts.append(self.roots.tokenize(name if value is None else f"{name}={value}"))
+        return hash_strings(parts)
 
 
 def expected_outputs(inv: Invocation) -> list[str]:
@@ -318,10 +397,11 @@ def expected_outputs(inv: Invocation) -> list[str]:
 
 def prepare(inv: Invocation) -> Prepared:
     toolchain = toolchain_info(inv.rustc)
+    PHASES.mark("toolchain")
     linked = links_natively(inv.crate_types(), inv.emits())
     target = inv.value("--target")
-    if linked and target and os.path.basename(target) != toolchain["host"]:
-        raise Uncacheable("cross-link")
+    if (linked or "staticlib" in inv.crate_types()) and target and os.path.basename(target) != toolchain["host"]:
+        raise Uncacheable("cross-link")  # output names and linkers of other platforms
     roots = Roots(inv, toolchain)
     parts = [KEY_VERSION, "toolchain", toolchain["digest"]]
     if linked:
@@ -332,15 +412,24 @@ def prepare(inv: Invocation) -> Prepared:
             parts += [flag, roots.tokenize(value) if value is not None else "\x01"]
     parts += ["input", roots.tokenize(os.path.abspath(inv.inputs[0]))]
     parts += ["env", *env_for_key(roots)]
-    files, env_deps = depinfo_pass(inv)
-    parts.append("files")
-    for path in files:
-        parts += file_for_key(path, toolchain, roots, linked)
-    parts += ["env-deps", *(roots.tokenize(e) for e in env_deps)]
     parts += ["native", *native_inputs(inv, roots)]
     if target and target.endswith(".json"):
         parts += ["target-spec", hash_file(target)]
+    cg = inv.codegen()
+    if "native" in cg.get("target-cpu", "") or "native" in cg.get("target-feature", ""):
+        parts += ["host-cpu", host_cpu()]  # the same flags mean other code on another CPU
+    PHASES.mark("key-args")
     return Prepared(inv, toolchain, roots, hash_strings(parts), linked, expected_outputs(inv))
+
+
+def host_cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f.read().split("\n\n")[0].splitlines()
+                     if line.startswith(("vendor_id", "cpu family", "model", "flags"))]
+        return "\n".join(lines)
+    except OSError:
+        raise Uncacheable("target-cpu-native") from None
 
 
 def env_for_key(roots: Roots) -> list[str]:
@@ -396,10 +485,27 @@ def parse_depinfo(text: str) -> tuple[list[str], list[str]]:
     return files, env_deps
 
 
+def env_dep_names(env_deps: list[str]) -> list[str]:
+    """Names only: the key takes the values from the environment (what rustc saw),
+    the same way for the dep-info pass and for a manifest."""
+    return sorted({e.split("=", 1)[0] for e in env_deps})
+
+
+def native_search_dirs(inv: Invocation) -> list[str]:
+    """`-L [KIND=]PATH` directories where rustc looks for native libraries."""
+    dirs = []
+    for value in inv.values("-L"):
+        kind, sep, path = value.partition("=")
+        if not sep:
+            dirs.append(value)
+        elif kind in ("native", "all", "framework"):
+            dirs.append(path)
+    return dirs
+
+
 def native_inputs(inv: Invocation, roots: Roots) -> list[str]:
     """Static native libraries get bundled into rlibs and linked into bins: hash them."""
-    search = [v.split("=", 1)[1] if "=" in v and v.split("=", 1)[0] in ("native", "all", "crate", "dependency", "framework")
-              else v for v in inv.values("-L") if not v.startswith(("dependency=", "crate="))]
+    search = native_search_dirs(inv)
     out = []
     for spec in inv.values("-l"):
         kind, _, name = spec.rpartition("=")
@@ -416,7 +522,7 @@ def native_inputs(inv: Invocation, roots: Roots) -> list[str]:
 def pack_entry(header: dict, blobs: list[bytes]) -> bytes:
     head = json.dumps(header, sort_keys=True).encode()
     payload = b"".join([len(head).to_bytes(4, "little"), head, *blobs])
-    body = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(payload)
+    body = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(payload)
     return ENTRY_MAGIC + xxhash.xxh3_128_digest(body) + body
 
 
@@ -494,17 +600,14 @@ def warn(message: str, consequence: str = "compiling without the cache") -> None
 def compile_cached(inv: Invocation) -> int:
     store_url = wrapper_stats.resolve_store_url()
     started = time.monotonic()
+    PHASES.mark("import")
     try:
         prep = prepare(inv)
     except Uncacheable as e:
-        wrapper_stats.update(store_url, {"requests": 1, "non_cacheable": 1}, ("non_cacheable_reasons", e.reason))
-        log_event("pass", inv, e.reason)
-        exec_rustc(inv.rustc, inv.args)
+        pass_through(store_url, inv, e.reason)
     except Exception as e:  # noqa: BLE001 - never fail a build because of the cache
         warn(f"cannot compute the cache key ({type(e).__name__}: {e})")
-        wrapper_stats.update(store_url, {"requests": 1, "non_cacheable": 1}, ("non_cacheable_reasons", "key-error"))
-        log_event("pass", inv, "key-error")
-        exec_rustc(inv.rustc, inv.args)
+        pass_through(store_url, inv, "key-error")
 
     try:
         from .store import open_store
@@ -512,23 +615,87 @@ def compile_cached(inv: Invocation) -> int:
         store = open_store(store_url)
     except Exception as e:  # noqa: BLE001
         warn(f"store {store_url} unavailable ({e})")
-        wrapper_stats.update(store_url, {"requests": 1, "errors_store": 1})
-        log_event("store-error", inv)
-        exec_rustc(inv.rustc, inv.args)
+        store_error(store_url, inv)
 
     counts = {"requests": 1}
     try:
-        hit = try_restore(store, prep, counts, started)
+        hit = lookup(store, prep, counts, started)
+    except Uncacheable as e:
+        pass_through(store_url, inv, e.reason)
     except Exception as e:  # noqa: BLE001
         warn(f"cache lookup failed ({type(e).__name__}: {e})")
-        wrapper_stats.update(store_url, {"requests": 1, "errors_store": 1})
-        log_event("store-error", inv)
-        exec_rustc(inv.rustc, inv.args)
+        store_error(store_url, inv)
     if hit:
         wrapper_stats.update(store_url, counts)
-        log_event("hit", inv)
+        log_event("hit", inv, str(PHASES))
         return 0
     return compile_and_store(store, store_url, prep, counts)
+
+
+def pass_through(store_url: str, inv: Invocation, reason: str) -> "NoReturn":  # noqa: F821
+    wrapper_stats.update(store_url, {"requests": 1, "non_cacheable": 1}, ("non_cacheable_reasons", reason))
+    log_event("pass", inv, reason)
+    exec_rustc(inv.rustc, inv.args)
+
+
+def store_error(store_url: str, inv: Invocation) -> "NoReturn":  # noqa: F821
+    wrapper_stats.update(store_url, {"requests": 1, "errors_store": 1})
+    log_event("store-error", inv)
+    exec_rustc(inv.rustc, inv.args)
+
+
+def lookup(store, prep: Prepared, counts: dict, started: float) -> bool:
+    """Direct mode first: the manifest of the last compilation with the same base key lists
+    the files and env vars rustc read, so the full key needs no rustc call.  If that
+    misses (or there is no manifest), ask rustc (the dep-info pass) and look up again."""
+    listed = read_manifest(store, prep)
+    if listed is not None:
+        try:
+            prep.key = prep.full_key(*listed)
+        except Uncacheable:  # a listed file is gone: the compilation reads other files now
+            prep.key = None
+        PHASES.mark("direct-key")
+        if prep.key and try_restore(store, prep, counts, started):
+            counts["hits_direct"] = 1
+            return True
+    files, env_deps = depinfo_pass(prep.inv)
+    PHASES.mark("depinfo")
+    prep.inputs = (files, env_dep_names(env_deps))
+    key = prep.full_key(*prep.inputs)
+    PHASES.mark("hash-files")
+    if key == prep.key:
+        return False  # already looked up
+    prep.key = key
+    if try_restore(store, prep, counts, started):
+        write_manifest(store, prep)  # the old manifest listed other files: replace it
+        return True
+    return False
+
+
+def manifest_name(prep: Prepared) -> str:
+    return object_name(hash_strings(["manifest", prep.base_key]))
+
+
+def read_manifest(store, prep: Prepared) -> tuple[list[str], list[str]] | None:
+    name = manifest_name(prep)
+    data = _get(store, name)
+    if data is None:
+        return None
+    try:
+        header, _ = unpack_entry(data)
+        files = [prep.roots.detokenize(p) for p in header["inputs"]]
+        return files, header["env_names"]
+    except (CorruptEntry, KeyError, TypeError):
+        store.delete(name)
+        return None
+
+
+def write_manifest(store, prep: Prepared) -> int:
+    files, env_names = prep.inputs
+    data = pack_entry({"kind": "manifest", "inputs": [prep.roots.tokenize(f) for f in files],
+                       "env_names": env_names, "crate": prep.inv.crate_name}, [])
+    store.put(manifest_name(prep), data)
+    return len(data)
 
 
 def try_restore(store, prep: Prepared, counts: dict, started: float) -> bool:
@@ -545,7 +712,9 @@ def try_restore(store, prep: Prepared, counts: dict, started: float) -> bool:
             if data is None:
                 return False
             header, blob = unpack_entry(data)
+        PHASES.mark("fetch")
         restore_entry(prep, header, blob)
+        PHASES.mark("restore")
     except CorruptEntry as e:
         sys.stderr.write(f"rsnap-rustc: warning: corrupt cache entry {name} ({e}); deleted, recompiling\n")
         store.delete(name)
@@ -602,6 +771,7 @@ def compile_and_store(store, store_url: str, prep: Prepared, counts: dict) -> in
         sys.stderr.write(f"rsnap-rustc: cannot run {inv.rustc}: {e.strerror}\n")
         return 127
     compile_s = time.monotonic() - t0
+    PHASES.mark("compile")
     counts.update(misses=1, compile_time_s=compile_s)
     detail = ""
     if code == 0:
@@ -610,8 +780,9 @@ def compile_and_store(store, store_url: str, prep: Prepared, counts: dict) -> in
         except Exception as e:  # noqa: BLE001
             warn(f"cannot store the result ({type(e).__name__}: {e})", "the build goes on")
             counts["errors_store"] = counts.get("errors_store", 0) + 1
+    PHASES.mark("store")
     stats = wrapper_stats.update(store_url, counts)
-    log_event("miss", inv, detail)
+    log_event("miss", inv, ",".join(filter(None, [detail, str(PHASES)])))
     if counts.get("entries_written") and stats.get("writes_since_size_check", 0) >= SIZE_CHECK_EVERY:
         try:
             evict(store, store_url)
@@ -648,6 +819,7 @@ def store_entry(store, prep: Prepared, stdout: bytes, stderr: bytes, compile_s: 
     else:
         store.put(object_name(prep.key), entry)
         written = len(entry)
+    written += write_manifest(store, prep)
     counts.update(bytes_written=written, entries_written=1, writes_since_size_check=1)
     return f"path-dependent:{embedded}" if embedded else ""
 

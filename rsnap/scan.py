@@ -17,6 +17,7 @@ import xxhash
 import zstandard
 
 from .cargo_layout import RSNAP_DIR
+from .errors import RsnapError, EXIT_WORKSPACE
 
 STATE_FILE = "state"
 
@@ -50,6 +51,8 @@ def _walk_dir(path: Path, rel_prefix: str, exclude):
         it = list(os.scandir(path))
     except (FileNotFoundError, NotADirectoryError):
         return
+    except PermissionError:
+        raise RsnapError(f"cannot read directory {path}: permission denied", EXIT_WORKSPACE) from None
     for de in it:
         rel = f"{rel_prefix}/{de.name}" if rel_prefix else de.name
         if rel == RSNAP_DIR or exclude(rel):

@@ -2,17 +2,20 @@
 
 Restore is ordered so that an interruption at any point leaves nothing cargo would
 wrongly trust: fingerprint files that will change are removed first, data files are
-written next, fingerprint files last, and source mtimes are normalized only after
-everything else is in place. Every file is written to a temp name and renamed.
+written next, then source mtimes are normalized, and fingerprint files come last (a
+fingerprint must never vouch for sources whose mtimes are not normalized yet). Every
+file is written to a temp name and renamed. Save and restore hold cargo's own locks.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import shutil
 import stat
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, cargo_layout, mtimes, repo, scan
+from . import __version__, cargo_layout, faults, mtimes, repo, scan, usage
 from . import manifest as mf
 from .errors import RsnapError, StoreError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
 from .progress import Progress
@@ -73,6 +76,58 @@ def locked(path: Path, what: str, exclusive: bool = True, wait: bool = True):
         os.close(fd)
 
 
+def cargo_lock_files(ws, m: mf.Manifest | None = None) -> list[Path]:
+    """Cargo's build-dir locks (`<profile>/.cargo-lock`, flock'ed by cargo for a whole build):
+    those on disk, plus, for a restore, those of the profile dirs the snapshot will create."""
+    found = set()
+    for base in {ws.target_dir, ws.build_dir}:
+        for pattern in ("*/.cargo-lock", "*/*/.cargo-lock", "*/.cargo-build-lock", "*/*/.cargo-build-lock"):
+            found.update(base.glob(pattern))
+    for root in (m.roots if m else []):
+        for e in root.entries:
+            parts = e.path.split("/")
+            if not root.merge and e.type == "d" and len(parts) <= 3 and parts[-1] in (".fingerprint", "deps"):
+                found.add(_root_path(ws, root.name).joinpath(*parts[:-1], ".cargo-lock"))
+    return sorted(found)
+
+
+@contextmanager
+def cargo_locks(paths: list[Path], exclusive: bool):
+    """Hold cargo's flocks on all `paths`, waiting (like cargo does) while a cargo process holds
+    one. All or nothing: nothing is held while waiting, so there is no lock-order deadlock."""
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    fds = []
+    try:
+        for p in paths:
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                fds.append(os.open(p, os.O_RDWR | os.O_CREAT, 0o644))
+            except OSError as e:
+                raise _os_error(f"locking {p}", e) from None
+        announced = False
+        while True:
+            busy = None
+            for i, fd in enumerate(fds):
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    busy = i
+                    break
+            if busy is None:
+                break
+            for fd in fds[:busy]:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            if not announced:
+                print(f"rsnap: waiting for the lock on {paths[busy]} (held by cargo or rsnap)", file=sys.stderr)
+                announced = True
+            fcntl.flock(fds[busy], mode)
+            fcntl.flock(fds[busy], fcntl.LOCK_UN)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------- save
 
 @dataclass
@@ -90,23 +145,31 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
     started = time.monotonic()
     if not ws.target_dir.is_dir():
         raise RsnapError(f"target dir {ws.target_dir} does not exist: build before saving", EXIT_WORKSPACE)
+    lock = store.lock(exclusive=False) if hasattr(store, "lock") else contextlib.nullcontext()
+    with lock:
+        return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started)
+
+
+def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started) -> dict:
     known = repo.known_blobs(store, repo.recent_manifests(store, dedupe_prefix))
     writer = repo.PackWriter(store)
     stats = SaveStats()
     roots = []
     blobs: dict[str, list] = {}
     bar = Progress("rsnap save", enabled=progress)
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+    locks = cargo_lock_files(ws) + [ws.cargo_home / ".package-cache"]
+    with cargo_locks(locks, exclusive=False), ThreadPoolExecutor(max_workers=WORKERS) as pool:
         for spec in root_specs(ws):
             root = _save_root(spec, pool, known, writer, blobs, stats, bar)
             if root is not None:
                 roots.append(root)
+        sources, source_dirs = mtimes.record_sources(ws)
     writer.flush()
     for digest in list(blobs):
         if blobs[digest] is None:
             blobs[digest] = writer.locations[digest]
     bar.finish()
-    sources, source_dirs = mtimes.record_sources(ws)
+    faults.point("save.manifest")
     m = mf.Manifest(
         key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
         rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
@@ -163,6 +226,7 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
             stats.blobs_new += 1
             stats.bytes_new += f.size
         bar.advance(f.size)
+        faults.point("save.file")
     for f in found:
         if f.type == "f":
             if f.rel in digests:
@@ -216,6 +280,13 @@ class RestoreStats:
 
 
 def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None = None) -> dict:
+    """Hold cargo's locks (build dirs, package cache) for the whole restore, planning included."""
+    locks = cargo_lock_files(ws, m) + [ws.cargo_home / ".package-cache", ws.cargo_home / ".package-cache-mutate"]
+    with cargo_locks(locks, exclusive=True):
+        return _restore(ws, store, snapshot_name, m, progress)
+
+
+def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None) -> dict:
     started = time.monotonic()
     stats = RestoreStats()
     specs = {s.name: s for s in root_specs(ws)}
@@ -232,23 +303,26 @@ def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None
         for marker in markers:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(snapshot_name)
+        faults.point("restore.marker")
         for plan in plans:
             scan.StatCache(plan.spec_path).invalidate()
         bar = Progress("rsnap restore", total=sum(e.size for p in plans for e in p.write), enabled=progress)
         for plan in plans:
-            if plan.root.merge:
-                with locked(plan.spec_path / ".package-cache", "CARGO_HOME package cache"):
-                    _apply(store, m, plan, stats, bar)
-            else:
-                _apply(store, m, plan, stats, bar)
-        bar.finish()
+            _apply(store, m, plan, stats, bar)
+        # Sources are normalized before fingerprints are written: an interruption before
+        # this point leaves no fingerprint that could vouch for a source not yet re-timed.
         retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest)
         for plan in plans:
-            _remember_restored(plan)
+            _apply_last(store, m, plan, stats, bar)
+        bar.finish()
         for plan in plans:
             if not plan.root.merge:
                 info = plan.spec_path / cargo_layout.RSNAP_DIR / RESTORED_INFO
                 info.write_text(json.dumps({"snapshot": snapshot_name, "key": m.key, "restored_ns": time.time_ns()}))
+        arm_usage(ws)  # before the stat cache is written: arming changes fingerprint files' ctimes
+        for plan in plans:
+            _remember_restored(plan)
+        faults.point("restore.done")
         for marker in markers:
             marker.unlink(missing_ok=True)
     except OSError as e:
@@ -259,10 +333,19 @@ def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None
             "seconds": round(time.monotonic() - started, 3)}
 
 
+def arm_usage(ws) -> None:
+    """Start gc's usage epoch (see rsnap.usage); failing to is a warning, never an error."""
+    try:
+        usage.arm(ws)
+    except OSError as e:
+        sys.stderr.write(f"rsnap: warning: could not start usage tracking for gc: {e}\n")
+
+
 def _os_error(action: str, e: OSError) -> RsnapError:
-    if e.errno == errno.ENOSPC:
-        return RsnapError(f"{action} failed: no space left on device ({e.filename})", EXIT_NOSPACE)
-    return RsnapError(f"{action} failed: {e.strerror} ({e.filename})", EXIT_WORKSPACE)
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return RsnapError(f"{action} failed: {e.strerror}{where}: disk full or file size limit", EXIT_NOSPACE)
+    return RsnapError(f"{action} failed: {e.strerror}{where}", EXIT_WORKSPACE)
 
 
 def _merge_subtrees(root: mf.Root) -> list[str]:
@@ -290,6 +373,9 @@ def _plan_root(path: Path, root: mf.Root, subtrees, exclude) -> RestorePlan:
         elif e.type == "l" and have.link != e.digest:
             plan.remove.append(have)
             plan.write.append(e)
+        elif e.type == "f" and cargo_layout.is_fingerprint_path(e.path) and (
+                have.mtime_ns != e.mtime_ns or have.mode != e.mode):
+            plan.write.append(e)  # cargo compares fingerprint mtimes: invalidate first, write last
         else:
             plan.unchanged += 1
             if e.type != "l" and (have.mtime_ns != e.mtime_ns or have.mode != e.mode):
@@ -317,41 +403,55 @@ def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -
     root = plan.spec_path
     root.mkdir(parents=True, exist_ok=True)
     fp = cargo_layout.is_fingerprint_path
+    trusted = _trusted_depth(plan)
     # 1. invalidate: fingerprint files that will change or go away are removed first
     for e in plan.write:
-        if fp(e.path):
+        if fp(e.path) and _symlink_parent(root, e.path, trusted) is None:
             _remove_path(root / e.path)
+            faults.point("restore.invalidate")
     for f in plan.remove:
         if fp(f.rel):
             _remove_path(root / f.rel)
+            faults.point("restore.invalidate")
     # 2. remove what the snapshot does not have (deepest first)
     for f in sorted(plan.remove, key=lambda f: f.rel.count("/"), reverse=True):
         _remove_path(root / f.rel)
         stats.files_removed += f.type != "d"
-    # 3. directories, then data files, then fingerprint files, then links
+        faults.point("restore.remove")
+    # 3. directories, then data files, then links (fingerprint files: _apply_last)
     for e in plan.write:
         if e.type == "d":
-            (root / e.path).mkdir(parents=True, exist_ok=True)
-    files = [e for e in plan.write if e.type == "f"]
-    _write_files(store, m, root, [e for e in files if not fp(e.path)], stats, bar)
-    _write_files(store, m, root, [e for e in files if fp(e.path)], stats, bar)
+            _inside(root, e.path, trusted).mkdir(parents=True, exist_ok=True)
+    _write_files(store, m, root, [e for e in plan.write if e.type == "f" and not fp(e.path)], stats, bar, trusted)
     for e in plan.write:
         if e.type == "l":
-            dest = root / e.path
+            dest = _inside(root, e.path, trusted)
             dest.parent.mkdir(parents=True, exist_ok=True)
             _remove_path(dest)
             os.symlink(e.digest, dest)
+            faults.point("restore.link")
     for e, have in plan.fix_meta:
         if e.type == "f":
             _set_meta(root / e.path, e, have)
             stats.metadata_fixed += 1
+            faults.point("restore.meta")
     stats.files_unchanged += plan.unchanged
+
+
+def _apply_last(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -> None:
+    """After sources are normalized: fingerprint files, then directory mtimes."""
+    root = plan.spec_path
+    fp = cargo_layout.is_fingerprint_path
+    _write_files(store, m, root, [e for e in plan.write if e.type == "f" and fp(e.path)], stats, bar,
+                 _trusted_depth(plan))
     # 4. directory mtimes last: creating entries above changed them
     dirs = [e for e in plan.root.entries if e.type == "d"]
     for e in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
         p = root / e.path
         try:
             st = p.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                continue
             if stat.S_IMODE(st.st_mode) != e.mode:
                 os.chmod(p, e.mode | 0o700)
             if st.st_mtime_ns != e.mtime_ns:
@@ -367,6 +467,29 @@ def _set_meta(path: Path, e: mf.Entry, have: scan.Found) -> None:
         os.utime(path, ns=(time.time_ns(), e.mtime_ns))
 
 
+def _trusted_depth(plan: RestorePlan) -> int:
+    """Leading path components whose symlinks are the user's setup (e.g. $CARGO_HOME/registry/cache)."""
+    return 2 if plan.root.merge else 0
+
+
+def _symlink_parent(root: Path, rel: str, trusted: int = 0) -> Path | None:
+    """The first symlinked dir between root and rel (after `trusted` components), if any."""
+    p = root
+    for i, part in enumerate(rel.split("/")[:-1]):
+        p = p / part
+        if i >= trusted and p.is_symlink():
+            return p
+    return None
+
+
+def _inside(root: Path, rel: str, trusted: int = 0) -> Path:
+    """root/rel, refusing to write through a symlinked dir: it could lead out of the root."""
+    link = _symlink_parent(root, rel, trusted)
+    if link is not None:
+        raise RsnapError(f"refusing to restore {rel}: {link} is a symlink", EXIT_WORKSPACE)
+    return root / rel
+
+
 def _remove_path(p: Path) -> None:
     try:
         if p.is_dir() and not p.is_symlink():
@@ -377,7 +500,8 @@ def _remove_path(p: Path) -> None:
         pass
 
 
-def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], stats: RestoreStats, bar) -> None:
+def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], stats: RestoreStats, bar,
+                 trusted: int = 0) -> None:
     """Fetch blobs pack by pack (coalesced reads), write each file atomically."""
     by_pack: dict[str, list[mf.Entry]] = {}
     for e in entries:
@@ -386,7 +510,8 @@ def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], sta
     def restore_pack(item):
         pack_id, pack_entries = item
         for e, data in _pack_blobs(store, m, pack_id, pack_entries):
-            _write_atomic(root / e.path, data, e)
+            _write_atomic(_inside(root, e.path, trusted), data, e)
+            faults.point("restore.write")
         return pack_entries
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
@@ -400,7 +525,7 @@ def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], sta
 def _pack_blobs(store, m: mf.Manifest, pack_id: str, entries: list[mf.Entry]):
     locs = sorted({m.blobs[e.digest][1]: m.blobs[e.digest] for e in entries}.values(), key=lambda l: l[1])
     needed = sum(l[2] for l in locs)
-    start, end = locs[0][1], locs[-1][1] + locs[-1][2]
+    start, end = locs[0][1], max(l[1] + l[2] for l in locs)
     if end - start <= 2 * needed + (1 << 20):
         span = store.get_range(repo.pack_name(pack_id), start, end - start)
         data_by_digest = {}
@@ -422,7 +547,8 @@ def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.rsnap-tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _remove_path(tmp)  # left over by an interrupted restore (or a planted symlink/fifo)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -430,6 +556,8 @@ def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
                 view = view[n:]
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(time.time_ns(), e.mtime_ns))
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(dest)) from None
         finally:
             os.close(fd)
         if dest.is_dir() and not dest.is_symlink():

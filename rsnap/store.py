@@ -6,12 +6,16 @@ named objects. Every `put` is atomic: readers see the old object, the new one, o
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import faults
 from .errors import RsnapError, StoreError, EXIT_NOSPACE
 
 _NAME = re.compile(r"^[A-Za-z0-9._@=+-]+(/[A-Za-z0-9._@=+-]+)*$")
@@ -65,6 +69,8 @@ class LocalStore:
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         try:
             with open(self._path(name), "rb") as f:
+                if offset + length > os.fstat(f.fileno()).st_size:
+                    raise StoreError(f"store object {name} is truncated")
                 f.seek(offset)
                 data = f.read(length)
         except FileNotFoundError:
@@ -85,13 +91,16 @@ class LocalStore:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                faults.point(f"store.{name.split('/')[0]}.tmp")
                 os.replace(tmp, path)
+                faults.point(f"store.{name.split('/')[0]}")
             except BaseException:
                 _unlink_quietly(tmp)
                 raise
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise RsnapError(f"store {self.root} is out of space writing {name}", EXIT_NOSPACE) from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise RsnapError(f"cannot write {name} to store {self.root}: {e.strerror} (disk full or file size limit)",
+                                 EXIT_NOSPACE) from None
             raise StoreError(f"cannot write {name} to store {self.root}: {e.strerror}") from None
 
     def delete(self, name: str) -> None:
@@ -132,6 +141,26 @@ class LocalStore:
 
     def lock_path(self) -> Path:
         return self.root / ".lock"
+
+    @contextmanager
+    def lock(self, exclusive: bool):
+        """flock on <store>/.lock: saves hold it shared (from reading the blobs they dedupe
+        against until their manifest is written), prune exclusive, so prune never deletes a
+        pack that a save in progress is about to reference."""
+        try:
+            fd = os.open(self.lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot lock store {self.root}: {e.strerror}") from None
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"rsnap: waiting for the lock on store {self.root}", file=sys.stderr)
+                fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
 
 
 def _unlink_quietly(path) -> None:

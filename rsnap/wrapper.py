@@ -86,7 +86,10 @@ class Invocation:
         return out
 
     def crate_types(self) -> list[str]:
-        return [t for v in self.values("--crate-type") for t in v.split(",") if t]
+        types = [t for v in self.values("--crate-type") for t in v.split(",") if t]
+        if not types and self.has("--test"):
+            return ["bin"]  # a test harness is linked like a bin
+        return types
 
     def emits(self) -> list[str]:
         return [e for v in self.values("--emit") for e in v.split(",") if e]
@@ -99,7 +102,7 @@ class Invocation:
 def non_compilation_reason(inv: Invocation) -> str | None:
     if not inv.args:
         return "no-args"
-    if any(a in ("-vV", "-V", "--version", "-v") for a in inv.args):
+    if any(a in ("-vV", "-V", "--version") for a in inv.args):
         return "version"
     if inv.has("--print"):
         return "print"

@@ -19,6 +19,7 @@ COUNTERS = (
     "non_compilation",     # -vV, --print ...: not a compilation at all
     "non_cacheable",       # compilations passed through, see non_cacheable_reasons
     "hits",
+    "hits_direct",         # hits found from a manifest, without the dep-info pass
     "misses",
     "misses_path_dependent",  # misses whose output embeds a checkout path (keyed on it)
     "errors_store",        # store unreachable / failed: compiled without the cache
@@ -187,6 +188,7 @@ def format_stats(stats: dict) -> str:
     rows = [
         ("Compile requests", stats["requests"]),
         ("Cache hits", stats["hits"]),
+        ("  of which without a dep-info pass", stats.get("hits_direct", 0)),
         ("Cache misses", stats["misses"]),
         ("  of which path-dependent", stats["misses_path_dependent"]),
         ("Cache hit rate", rate),

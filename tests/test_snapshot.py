@@ -164,7 +164,7 @@ def test_relocated_snapshot_is_a_miss_unless_allowed(saved, tmp_path):
     key = rsnap(ws, store, "key", "--json").check().data["key"]
     res = rsnap(ws, store, "restore", "--json", "--restore-key", key[:10], env_extra=env).check().data
     assert res["result"] == "miss" and "--allow-relocate" in res["message"]
-    assert not ws.target.exists()
+    assert not (ws.target / "debug").exists()
     res = rsnap(ws, store, "restore", "--json", "--restore-key", key[:10], "--allow-relocate",
                 env_extra=env).check().data
     assert res["result"] == "partial" and res["files_written"] > 0
@@ -229,7 +229,7 @@ def test_newer_manifest_format_is_refused(saved, tmp_path):
     res = rsnap(ws, newer, "restore")
     assert res.returncode == 5
     assert "newer rsnap" in one_line_error(res)
-    assert not ws.target.exists()
+    assert not (ws.target / "debug").exists()
 
 
 def test_invalid_key_is_a_usage_error(saved):

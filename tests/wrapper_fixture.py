@@ -95,7 +95,7 @@ bsdep = "0.1"
     "app/src/main.rs": """
 fn main() {
     println!("util={}", util::describe());
-    println!("gen={}", gen::GENERATED);
+    println!("gen={} native={}", gen::GENERATED, gen::native());
     println!("mid={}", mid::twice(21));
     println!("pm={}", pm::answer!());
     println!("bsdep={} built={}", bsdep::VALUE, bsdep::built());
@@ -128,16 +128,29 @@ edition = "2021"
 build = "build.rs"
 """,
     "gen/build.rs": """
-use std::{env, fs, path::Path};
+use std::{env, fs, path::Path, process::Command};
 fn main() {
     let value = env::var("RSNAP_GEN_VALUE").unwrap_or_else(|_| "default".to_string());
     let out = env::var("OUT_DIR").unwrap();
     fs::write(Path::new(&out).join("gen.rs"), format!("pub const GENERATED: &str = {:?};\\n", value)).unwrap();
+    // a static C library: relative paths, so the archive does not depend on OUT_DIR
+    let native = env::var("RSNAP_NATIVE_VALUE").unwrap_or_else(|_| "3".to_string());
+    fs::write(Path::new(&out).join("nat.c"), format!("unsigned int native_value(void) {{ return {}; }}\\n", native)).unwrap();
+    let _ = fs::remove_file(Path::new(&out).join("libnat.a"));
+    assert!(Command::new("cc").current_dir(&out).args(["-c", "-fPIC", "-O1", "nat.c", "-o", "nat.o"]).status().unwrap().success());
+    assert!(Command::new("ar").current_dir(&out).args(["crsD", "libnat.a", "nat.o"]).status().unwrap().success());
+    println!("cargo:rustc-link-search=native={}", out);
+    println!("cargo:rustc-link-lib=static=nat");
     println!("cargo:rerun-if-env-changed=RSNAP_GEN_VALUE");
+    println!("cargo:rerun-if-env-changed=RSNAP_NATIVE_VALUE");
     println!("cargo:rerun-if-changed=build.rs");
 }
 """,
-    "gen/src/lib.rs": 'include!(concat!(env!("OUT_DIR"), "/gen.rs"));\n',
+    "gen/src/lib.rs": """
+include!(concat!(env!("OUT_DIR"), "/gen.rs"));
+extern "C" { fn native_value() -> u32; }
+pub fn native() -> u32 { unsafe { native_value() } }
+""",
     "paths/Cargo.toml": """
 [package]
 name = "paths"
@@ -237,9 +250,9 @@ def cargo_env(cargo_home: Path, store: Path, state: Path, log: Path | None = Non
     return env
 
 
-def cargo_build(ws: Path, env: dict, target_dir: Path, *args: str) -> list[dict]:
-    """`cargo build --message-format=json`; returns the JSON messages."""
-    cmd = ["cargo", "build", "--message-format=json", "--target-dir", str(target_dir), *args]
+def cargo_build(ws: Path, env: dict, target_dir: Path, *args: str, command: str = "build") -> list[dict]:
+    """`cargo build --message-format=json` (or check, ...); returns the JSON messages."""
+    cmd = ["cargo", command, "--message-format=json", "--target-dir", str(target_dir), *args]
     proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")

@@ -1,0 +1,541 @@
+"""Which build units were used since `rsnap restore`: the input to garbage collection.
+
+Two independent signals, both recorded under `<target>/.rsnap/` (never snapshotted):
+
+1. **Fingerprint atime, armed.** Cargo reads every unit's fingerprint hash file
+   (`.fingerprint/<pkg>-<hash>/lib-foo`, v2: `build/<pkg>/<hash>/fingerprint/lib-foo`)
+   and its `dep-*` file while deciding freshness, for every unit of the build graph,
+   before compiling anything (so also when the build then fails). Units that are not
+   in the graph are never read. Under `relatime` (the Linux default) a read only
+   updates atime when atime <= mtime (or ctime, or the atime is a day old). Restore
+   writes files with atime = now > mtime, so an un-armed target would *not* record
+   reads. `arm()` therefore sets atime := mtime on every fingerprint file and
+   records the time (`usage.json`); from then on, any read by cargo moves atime to
+   "now" and any rebuild moves mtime to "now". `arm()` first probes the filesystem
+   (a probe file with atime == mtime is read back): on `noatime` mounts, some
+   overlay/FUSE/network filesystems, the probe fails and the atime signal is off.
+   Measured here (ext4, relatime): a no-op `cargo build` after arming moved the
+   atime of every unit's hash and dep-info files; units of another feature set /
+   profile / dependency version kept atime == mtime.
+   rsnap itself reads hash files with O_NOATIME, so `rsnap gc --dry-run` does not
+   disturb the signal; `rsnap save` reads changed files normally, so arm again after
+   saving (`arm()` at the end of save) before the next GC on a persistent runner.
+
+2. **`rsnap cargo <args>`**, an exact log. `run_cargo()` runs cargo with
+   `--message-format=json-render-diagnostics` (human diagnostics still go to
+   stderr; non-JSON stdout such as test or `cargo run` output is forwarded), maps
+   every `compiler-artifact` (fresh or not) and `build-script-executed` message to
+   its unit (profile dir + 16-hex hash; uplifted files such as `target/debug/app`
+   are resolved through their hard link in `deps/` / `build/<pkg>/<hash>/out/`),
+   and appends one line per invocation to `used.jsonl`. The log is trusted only
+   when every logged invocation since the epoch succeeded and no unit was compiled
+   since the epoch that the log does not know (i.e. plain `cargo` was used too).
+
+The epoch is the later of the last `arm()` and the last restore (`restored.json`).
+A unit is "used" when its fingerprint files were written or (armed atime) read
+since the epoch, or the log names it. When neither signal is reliable, GC keeps
+every unit and only the size cap evicts (oldest build first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cargo_layout import RSNAP_DIR
+
+USAGE_FILE = "usage.json"
+USED_LOG = "used.jsonl"
+RESTORED_INFO = "restored.json"   # written by snapshot.restore
+PROBE_NAME = "atime-probe"
+SLACK_NS = 50_000_000             # coarse kernel clock (a few jiffies) vs time.time_ns()
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_HASHED = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
+
+# Subcommands that build and accept --message-format.
+_BUILD_COMMANDS = {"build", "b", "check", "c", "test", "t", "bench", "run", "r", "rustc", "doc", "d",
+                   "rustdoc", "clippy", "fix"}
+# Global options (before the subcommand) that take a separate value.
+_GLOBAL_WITH_VALUE = {"--config", "-Z", "-C", "--color", "--explain"}
+_CARGO_REASONS = {"compiler-artifact", "build-script-executed", "compiler-message", "build-finished"}
+
+
+# ---------------------------------------------------------------- roots
+
+def roots(ws) -> list[Path]:
+    """Target dir, plus the build dir when it lives elsewhere."""
+    out = [Path(ws.target_dir)]
+    bd = Path(ws.build_dir)
+    if bd != out[0] and not bd.is_relative_to(out[0]):
+        out.append(bd)
+    return out
+
+
+def state_dir(ws) -> Path:
+    return Path(ws.target_dir) / RSNAP_DIR
+
+
+# ---------------------------------------------------------------- atime probe
+
+def _mount_options(path: Path) -> str:
+    """Mount options of the filesystem holding `path` (informational)."""
+    try:
+        path = path.resolve()
+        best, opts = "", ""
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[4].replace("\\040", " ")
+                if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, opts = mnt, parts[5]
+        return opts
+    except (OSError, IndexError):
+        return ""
+
+
+def probe_atime(directory: Path) -> dict:
+    """Does a read of a file whose atime == mtime (an armed file) update its atime here?
+
+    `RSNAP_ATIME=off` turns the atime signal off (the probe then reports False).
+    """
+    d = Path(directory) / RSNAP_DIR
+    result = {"updates": False, "mount_options": _mount_options(Path(directory)), "detail": ""}
+    if os.environ.get("RSNAP_ATIME", "").lower() in ("off", "0", "no", "false"):
+        result["detail"] = "disabled by RSNAP_ATIME"
+        return result
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{PROBE_NAME}-{os.getpid()}"
+        p.write_bytes(b"rsnap atime probe\n")
+        old = time.time_ns() - 3_600_000_000_000  # an hour ago: armed files are old
+        os.utime(p, ns=(old, old))
+        with open(p, "rb") as f:
+            f.read()
+        after = os.stat(p).st_atime_ns
+        p.unlink()
+        result["updates"] = after > old
+        result["detail"] = "read updated atime" if after > old else "read did not update atime (noatime?)"
+    except OSError as e:
+        result["detail"] = f"probe failed: {e.strerror}"
+    return result
+
+
+# ---------------------------------------------------------------- fingerprint files
+
+def fingerprint_dirs(root: Path):
+    """Every unit fingerprint dir under a target/build root, both layouts."""
+    from . import gc  # local import: gc imports this module
+    for profile in gc.profile_dirs(root):
+        fp = profile / ".fingerprint"
+        if fp.is_dir():
+            for de in _scandir(fp):
+                if de.is_dir(follow_symlinks=False):
+                    yield Path(de.path)
+        build = profile / "build"
+        for pkg in _scandir(build):
+            if not pkg.is_dir(follow_symlinks=False) or _HASHED.match(pkg.name):
+                continue
+            for h in _scandir(Path(pkg.path)):
+                if _HEX16.match(h.name) and os.path.isdir(os.path.join(h.path, "fingerprint")):
+                    yield Path(h.path) / "fingerprint"
+
+
+def _scandir(path: Path):
+    try:
+        return list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+
+
+def arm(ws, now_ns: int | None = None) -> dict:
+    """Start a usage epoch: atime := mtime on all fingerprint files, record the time.
+
+    Call at the end of `rsnap restore` (hit or miss) and at the end of `rsnap save`.
+    Cheap: one utime per fingerprint file (a few per unit). Changing atime touches
+    ctime, so the next save re-hashes these small files (the stat cache key has ctime).
+    """
+    started = time.monotonic()
+    armed_ns = now_ns if now_ns is not None else time.time_ns()
+    info = {"armed_ns": armed_ns, "roots": {}}
+    files = 0
+    for root in roots(ws):
+        if not root.is_dir():
+            info["roots"][str(root)] = {"atime": False, "detail": "missing"}
+            continue
+        probe = probe_atime(root)
+        entry = {"atime": probe["updates"], "detail": probe["detail"], "mount_options": probe["mount_options"]}
+        if probe["updates"]:
+            for fp in fingerprint_dirs(root):
+                for de in _scandir(fp):
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                        if st.st_atime_ns != st.st_mtime_ns:
+                            os.utime(de.path, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
+                        files += 1
+                    except OSError:
+                        continue
+        info["roots"][str(root)] = entry
+    info["files"] = files
+    sd = state_dir(ws)
+    sd.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(sd / USAGE_FILE, info)
+    info["seconds"] = round(time.monotonic() - started, 3)
+    return info
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- cargo pass-through
+
+def _split_cargo_args(args: list[str]) -> tuple[int | None, str | None]:
+    """Index and name of the cargo subcommand in args (skipping +toolchain and global options)."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            return None, None
+        if i == 0 and a.startswith("+"):
+            i += 1
+            continue
+        if a.startswith("-"):
+            if a in _GLOBAL_WITH_VALUE:
+                i += 2
+            else:
+                i += 1
+            continue
+        return i, a
+    return None, None
+
+
+def _message_format_args(args: list[str], sub_idx: int) -> tuple[list[str], bool]:
+    """Rewrite args so cargo emits JSON on stdout. Returns (args, user_wants_json)."""
+    rest = args[sub_idx + 1:]
+    end = rest.index("--") if "--" in rest else len(rest)
+    fmts, kept = [], []
+    i = 0
+    while i < end:
+        a = rest[i]
+        if a == "--message-format" and i + 1 < end:
+            fmts.append(rest[i + 1])
+            i += 2
+            continue
+        if a.startswith("--message-format="):
+            fmts.append(a.split("=", 1)[1])
+            i += 1
+            continue
+        kept.append(a)
+        i += 1
+    values = [v.strip() for f in fmts for v in f.split(",") if v.strip()]
+    if any(v.startswith("json") for v in values):
+        return args, True  # the user asked for JSON: pass it through untouched, parse a copy
+    mine = ["json-render-diagnostics"]
+    if "short" in values:
+        mine.insert(0, "json-diagnostic-short")
+    new = args[:sub_idx + 1] + [f"--message-format={','.join(mine)}"] + kept + rest[end:]
+    return new, False
+
+
+def run_cargo(args: list[str], ws=None) -> int:
+    """`rsnap cargo <args>`: run cargo, forward its output, log the units it used.
+
+    Output: stderr is inherited (cargo renders diagnostics there); stdout JSON
+    messages are consumed unless the user asked for JSON, everything else (test
+    harness output, `cargo run` program output) is forwarded byte for byte.
+    Returns cargo's exit code. The log goes to `<target>/.rsnap/used.jsonl`.
+    """
+    if ws is None:
+        from .cargo_layout import discover
+        ws = discover()
+    cargo = "cargo"
+    sub_idx, sub = _split_cargo_args(args)
+    if sub_idx is None or sub not in _BUILD_COMMANDS:
+        return subprocess.call([cargo, *args])
+    cmd_args, user_json = _message_format_args(args, sub_idx)
+    started = time.time_ns()
+    proc = subprocess.Popen([cargo, *cmd_args], stdout=subprocess.PIPE)
+    rec = _Recorder(ws)
+    out = _Forward(sys.stdout.buffer)
+    passthrough = False
+    buf = b""
+    try:
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            if passthrough:
+                out.write(chunk)
+                continue
+            buf += chunk
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    break
+                line, buf = buf[:nl + 1], buf[nl + 1:]
+                msg = _cargo_message(line)
+                if msg is None:
+                    out.write(line)
+                    continue
+                rec.message(msg)
+                if user_json:
+                    out.write(line)
+                if msg.get("reason") == "build-finished":
+                    # after this, stdout belongs to the program (`cargo run`) or the tests
+                    passthrough = True
+                    out.write(buf)
+                    buf = b""
+                    break
+            if buf and not buf.startswith(b"{"):
+                out.write(buf)   # a partial line that cannot be a cargo message: forward now
+                buf = b""
+        out.write(buf)
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        rc = proc.wait()
+    try:
+        rec.write(args, started, rc)
+    except OSError as e:  # never fail the build because the log could not be written
+        print(f"rsnap: warning: could not record cargo usage: {e}", file=sys.stderr)
+    return rc
+
+
+class _Forward:
+    """Writes to our stdout; if the reader went away, keeps draining cargo silently."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.broken = False
+
+    def write(self, data: bytes) -> None:
+        if self.broken or not data:
+            return
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.broken = True
+            try:  # keep the interpreter from failing on the final flush at exit
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+
+
+def _cargo_message(line: bytes) -> dict | None:
+    if not line.startswith(b'{"reason":'):
+        return None
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) and msg.get("reason") in _CARGO_REASONS else None
+
+
+class _Recorder:
+    """Maps cargo JSON messages to units (root, profile dir, hash)."""
+
+    def __init__(self, ws):
+        self.roots = roots(ws)
+        self.target = Path(ws.target_dir)
+        self.units: set[tuple[str, str]] = set()     # (profile dir abs, hash)
+        self.unresolved: list[dict] = []
+        self.finished: bool | None = None
+        self.artifacts: list[dict] = []
+        self._inodes: dict[str, dict] = {}
+
+    def message(self, msg: dict) -> None:
+        reason = msg.get("reason")
+        if reason == "build-finished":
+            self.finished = bool(msg.get("success"))
+        elif reason == "build-script-executed":
+            out_dir = msg.get("out_dir")
+            if out_dir:
+                hit = unit_of_path(Path(out_dir) / "x", self.roots)
+                if hit:
+                    self.units.add(hit)
+        elif reason == "compiler-artifact":
+            # uplifted paths (target/debug/app) are resolved after the build, when
+            # every hard link exists (see write())
+            self.artifacts.append(msg)
+
+    def _resolve(self) -> None:
+        for msg in self.artifacts:
+            resolved = False
+            for fn in msg.get("filenames") or []:
+                hit = unit_of_path(Path(fn), self.roots) or self._uplift_owner(Path(fn))
+                if hit:
+                    self.units.add(hit)
+                    resolved = True
+            if not resolved:
+                t = msg.get("target") or {}
+                self.unresolved.append({"package_id": msg.get("package_id"), "target": t.get("name"),
+                                        "kind": (t.get("kind") or [None])[0],
+                                        "test": bool((msg.get("profile") or {}).get("test")),
+                                        "filenames": msg.get("filenames") or []})
+
+    def _uplift_owner(self, path: Path):
+        """The unit whose output `path` is a hard link of (uplifted bins, proc-macros, libs)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        profile = path.parent
+        if profile.name == "examples":
+            profile = profile.parent
+        key = str(profile)
+        if key not in self._inodes:
+            self._inodes[key] = _output_inodes(profile)
+        return self._inodes[key].get((st.st_dev, st.st_ino))
+
+    def write(self, args, started_ns: int, rc: int) -> None:
+        self._resolve()
+        sd = self.target / RSNAP_DIR
+        sd.mkdir(parents=True, exist_ok=True)
+        rec = {"started_ns": started_ns, "finished_ns": time.time_ns(), "args": list(args), "exit": rc,
+               "success": rc == 0 and self.finished is not False,
+               "units": sorted([p, h] for p, h in self.units), "unresolved": self.unresolved}
+        with open(sd / USED_LOG, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def _output_inodes(profile: Path) -> dict:
+    """(dev, ino) -> (profile, hash) for unit outputs of a profile dir (both layouts)."""
+    idx = {}
+    for sub in ("deps", "examples"):
+        for de in _scandir(profile / sub):
+            m = _HASHED.match(de.name.split(".", 1)[0])
+            if m and de.is_file(follow_symlinks=False):
+                st = de.stat(follow_symlinks=False)
+                idx[(st.st_dev, st.st_ino)] = (str(profile), m.group("hash"))
+    for pkg in _scandir(profile / "build"):
+        if _HASHED.match(pkg.name) or not pkg.is_dir(follow_symlinks=False):
+            continue
+        for h in _scandir(Path(pkg.path)):
+            if _HEX16.match(h.name):
+                for de in _scandir(Path(h.path) / "out"):
+                    if de.is_file(follow_symlinks=False):
+                        st = de.stat(follow_symlinks=False)
+                        idx[(st.st_dev, st.st_ino)] = (str(profile), h.name)
+    return idx
+
+
+def unit_of_path(path: Path, roots_: list[Path]) -> tuple[str, str] | None:
+    """(profile dir, hash) of a unit output path, or None for uplifted/unknown paths.
+
+    v1: <P>/deps/<name>-<hash>[.ext], <P>/examples/<name>-<hash>[.ext], <P>/build/<pkg>-<hash>/...
+    v2: <P>/build/<pkg>/<hash>/...
+    """
+    path = Path(path)
+    if not any(path.is_relative_to(r) for r in roots_):
+        return None
+    parts = path.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "build" and i + 1 < len(parts) - 1:
+            nxt = parts[i + 1]
+            m = _HASHED.match(nxt)
+            if m:
+                return str(Path(*parts[:i])), m.group("hash")
+            if i + 2 < len(parts) and _HEX16.match(parts[i + 2]):
+                return str(Path(*parts[:i])), parts[i + 2]
+        if parts[i] in ("deps", "examples") and i == len(parts) - 2:
+            m = _HASHED.match(parts[-1].split(".", 1)[0])
+            if m:
+                return str(Path(*parts[:i])), m.group("hash")
+    return None
+
+
+# ---------------------------------------------------------------- reading the signals
+
+@dataclass
+class Signals:
+    epoch_ns: int | None = None
+    restored_ns: int | None = None
+    armed_ns: int | None = None
+    atime: bool = False                  # armed atime is valid for every root
+    atime_detail: dict = field(default_factory=dict)
+    log_units: set = field(default_factory=set)     # (profile abs, hash)
+    log_unresolved: list = field(default_factory=list)
+    log_invocations: int = 0
+    log_failed: int = 0
+    log: bool = False                    # the log is present and complete (decided by gc)
+
+    def describe(self) -> dict:
+        return {"epoch_ns": self.epoch_ns, "restored_ns": self.restored_ns, "armed_ns": self.armed_ns,
+                "atime": self.atime, "atime_detail": self.atime_detail,
+                "cargo_log": {"invocations": self.log_invocations, "failed": self.log_failed,
+                              "units": len(self.log_units), "unresolved": len(self.log_unresolved),
+                              "trusted": self.log}}
+
+
+def load_signals(ws) -> Signals:
+    sig = Signals()
+    restored = [(_read_json(r / RSNAP_DIR / RESTORED_INFO) or {}).get("restored_ns") for r in roots(ws)]
+    restored = [r for r in restored if isinstance(r, int)]
+    sig.restored_ns = max(restored) if restored else None
+    armed = _read_json(state_dir(ws) / USAGE_FILE) or {}
+    sig.armed_ns = armed.get("armed_ns") if isinstance(armed.get("armed_ns"), int) else None
+    cands = [t for t in (sig.restored_ns, sig.armed_ns) if t is not None]
+    sig.epoch_ns = max(cands) if cands else None
+    # atime: armed after the last restore, every root probed OK then and now
+    if sig.armed_ns is not None and (sig.restored_ns is None or sig.armed_ns >= sig.restored_ns):
+        ok = True
+        for r in roots(ws):
+            at_arm = (armed.get("roots") or {}).get(str(r), {})
+            now = probe_atime(r) if r.is_dir() else {"updates": False, "detail": "missing"}
+            sig.atime_detail[str(r)] = {"at_arm": at_arm.get("detail"), "now": now["detail"],
+                                        "mount_options": now.get("mount_options", "")}
+            ok = ok and bool(at_arm.get("atime")) and now["updates"]
+        sig.atime = ok
+    else:
+        sig.atime_detail = {"not_armed": "no arm() since the last restore"}
+    # the cargo log
+    if sig.epoch_ns is not None:
+        try:
+            lines = (state_dir(ws) / USED_LOG).read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("started_ns", 0) < sig.epoch_ns:
+                continue
+            sig.log_invocations += 1
+            sig.log_failed += not rec.get("success")
+            sig.log_units.update(tuple(u) for u in rec.get("units", []))
+            sig.log_unresolved.extend(rec.get("unresolved", []))
+    return sig
+
+
+def prune_log(ws, keep_after_ns: int | None) -> None:
+    """Drop log lines older than the epoch (they can never count again)."""
+    path = state_dir(ws) / USED_LOG
+    if keep_after_ns is None or not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("started_ns", 0) >= keep_after_ns:
+                kept.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,882 @@
+"""Issue 5: rsnap under crashes, disk faults, concurrency and hostile input.
+
+Never a stale build, never a damaged store. Fault points come from rsnap/faults.py
+(RSNAP_FAULT=<point glob>:<n>[:action]); hypothesis chooses the point. "Correct" always
+means: the program's output equals a clean build of the same sources (`clean_output()`).
+
+Budgets (CI defaults; raise them locally):
+  RSNAP_CRASH_EXAMPLES       restores killed at a random point (default 10)
+  RSNAP_SAVE_CRASH_EXAMPLES  saves killed at a random point (default 6)
+  RSNAP_LONGRUN_SECONDS      random CI-run steps (default 75 s)
+Each test prints a `[rsnap reliability]` summary line (cases, kills, steps).
+"""
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from cargo_util import create_workspace
+from reliability_util import (OLD_MTIME_NS, check_store, checkout, copy_tree, drop_dac_caps, file_size_limit,
+                              permissions_enforced, run_rsnap, set_source_mtimes, start_rsnap, store_files,
+                              trace_points, try_mount, umount)
+from rsnap import repo
+from rsnap.store import LocalStore
+from rsnap_util import one_line_error
+
+CRASH_EXAMPLES = int(os.environ.get("RSNAP_CRASH_EXAMPLES", "10"))
+SAVE_CRASH_EXAMPLES = int(os.environ.get("RSNAP_SAVE_CRASH_EXAMPLES", "6"))
+LONGRUN_SECONDS = float(os.environ.get("RSNAP_LONGRUN_SECONDS", "75"))
+HYPOTHESIS = dict(deadline=None, derandomize=bool(os.environ.get("CI")), database=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+STATS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+def report(config, line: str) -> None:
+    """Write a summary line to the terminal, past output capturing (shows with -q too)."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or capman is None:
+        print(line)
+        return
+    with capman.global_and_fixture_disabled():
+        tr.write_line("")
+        tr.write_line(line)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    yield
+    for test, counts in STATS.items():
+        report(request.config, f"[rsnap reliability] {test}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+@dataclass
+class Scene:
+    """One workspace, two commits, a store with a snapshot of each build (c2's is the newest)."""
+    ws: object
+    base: Path
+    store: Path
+    revs: dict
+    t1: Path                                   # target built from c1: a persistent runner's old target
+    restore_points: dict = field(default_factory=dict)
+    save_points: collections.Counter | None = None
+    n: int = 0
+    home_config: bytes = b""
+
+
+def _edit_c2(ws) -> None:
+    ws.replace("crates/core/src/lib.rs", "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 5;")
+    ws.write("crates/gen/data/words.txt", "alpha beta zeta\n")
+
+
+@pytest.fixture(scope="module")
+def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
+    base = tmp_path_factory.mktemp("rel")
+    ws = create_workspace(base / "ws", registry.index_url, gitdep_url)
+    store = base / "store"
+    c1 = ws.head()
+    ws.build("build")
+    copy_tree(ws.target, base / "t1")
+    run_rsnap(ws, store, "save", "--json").check()
+    _edit_c2(ws)
+    c2 = ws.commit("c2")
+    ws.build("build")
+    run_rsnap(ws, store, "save", "--json").check()
+    return Scene(ws, base, store, {"c1": c1, "c2": c2}, base / "t1",
+                 home_config=(ws.cargo_home / "config.toml").read_bytes())
+
+
+def _cold_home(ws) -> None:
+    for sub in ("registry", "git"):
+        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
+
+
+def _prepare(scene: Scene, rev: str, old_mtimes: bool, persistent: bool, cold_home: bool) -> None:
+    """Sources at `rev` with fresh or old (commit-time) mtimes; no target or c1's old target."""
+    ws = scene.ws
+    (ws.cargo_home / "config.toml").write_bytes(scene.home_config)  # in case a failed test lost it
+    checkout(ws, scene.revs[rev])
+    set_source_mtimes(ws, OLD_MTIME_NS if old_mtimes else None)
+    shutil.rmtree(ws.target, ignore_errors=True)
+    if persistent:
+        copy_tree(scene.t1, ws.target)
+    if cold_home:
+        _cold_home(ws)
+
+
+def _assert_correct(ws, what: str) -> None:
+    build = ws.build("build", check=False)
+    assert build.success, f"{what}: cargo build failed:\n{build.stderr[-3000:]}"
+    assert ws.run_app() == ws.clean_output(), f"STALE build ({what}): {build.summary()}"
+
+
+def _choose(counts: collections.Counter, which: int, frac: float) -> tuple[str, int]:
+    names = sorted(counts)
+    name = names[which % len(names)]
+    return name, 1 + int(frac * counts[name])
+
+
+# ---------------------------------------------------------------- 1. crash consistency
+
+SHAPE = st.fixed_dictionaries({"rev": st.sampled_from(["c1", "c2"]), "old_mtimes": st.booleans(),
+                               "persistent": st.booleans(), "cold_home": st.booleans()})
+
+
+@settings(max_examples=CRASH_EXAMPLES, **HYPOTHESIS)
+@given(shape=SHAPE, which=st.integers(0, 10**6), frac=st.floats(0, 1, exclude_max=True), build_first=st.booleans())
+def test_restore_killed_at_any_point_is_never_stale(scene, shape, which, frac, build_first):
+    """kill -9 of `rsnap restore` at a fault point; then either cargo builds right away, or the next
+    rsnap command detects the interrupted restore and repairs it. Both must give a correct program."""
+    ws, stats = scene.ws, STATS["restore-crash"]
+    key = tuple(sorted(shape.items()))
+    if key not in scene.restore_points:   # first time for this shape: count the points it passes
+        _prepare(scene, **shape)
+        res, scene.restore_points[key], _ = trace_points(ws, scene.store, scene.base, "restore", "--json")
+        res.check()
+    _prepare(scene, **shape)
+    name, k = _choose(scene.restore_points[key], which, frac)
+    spec = f"{name}:{k}"
+    res = run_rsnap(ws, scene.store, "restore", "--json", env_extra={"RSNAP_FAULT": spec})
+    assert res.returncode in (0, -signal.SIGKILL), res.stderr
+    killed = res.returncode == -signal.SIGKILL
+    stats[f"killed@{name}"] += killed
+    stats["cases"] += 1
+    what = f"restore killed at {spec}, {shape}, build first: {build_first}"
+    if build_first:
+        _assert_correct(ws, what)
+        if killed:  # save refuses a half-restored target dir
+            scratch = scene.base / "scratch-store"
+            save = run_rsnap(ws, scratch, "save")
+            shutil.rmtree(scratch, ignore_errors=True)
+            assert save.returncode == 2 and "interrupted" in one_line_error(save), save.stderr
+    again = run_rsnap(ws, scene.store, "restore", "--json").check().data
+    assert again["repaired_interrupted_restore"] is killed, what
+    _assert_correct(ws, what + ", then restored again")
+    assert not run_rsnap(ws, scene.store, "status", "--json").check().data["interrupted_restore"]
+
+
+@pytest.fixture(scope="module")
+def crash_store(scene) -> Path:
+    path = scene.base / "crash-store"
+    shutil.copytree(scene.store, path)
+    return path
+
+
+@settings(max_examples=SAVE_CRASH_EXAMPLES, **HYPOTHESIS)
+@given(which=st.integers(0, 10**6), frac=st.floats(0, 1, exclude_max=True))
+def test_save_killed_at_any_point_leaves_store_complete(scene, crash_store, which, frac):
+    """kill -9 of `rsnap save` at a fault point (hashing, pack upload, manifest upload): every snapshot
+    in the store stays complete, the debris is invisible, and the next save and restore work."""
+    ws, stats = scene.ws, STATS["save-crash"]
+    scene.n += 1
+    checkout(ws, scene.revs["c2"])
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {100 + scene.n};")
+    ws.build("build")
+    expected = ws.run_app()
+    before = len(repo.list_snapshots(LocalStore(crash_store)))
+    if scene.save_points is None:   # the first save passes every point once: count them
+        res, scene.save_points, _ = trace_points(ws, crash_store, scene.base, "save", "--json")
+        res.check()
+        assert scene.save_points["store.snapshots"] == 1, scene.save_points
+        before += 1
+    name, k = _choose(scene.save_points, which, frac)
+    res = run_rsnap(ws, crash_store, "save", "--json", env_extra={"RSNAP_FAULT": f"{name}:{k}"})
+    assert res.returncode in (0, -signal.SIGKILL), res.stderr
+    killed = res.returncode == -signal.SIGKILL
+    stats[f"killed@{name}"] += killed
+    stats["cases"] += 1
+    after = check_store(crash_store)
+    visible = 1 if name == "store.snapshots" or not killed else 0   # killed after the manifest's rename
+    assert after["snapshots"] == before + visible, (name, before, after)
+    if killed:
+        run_rsnap(ws, crash_store, "save", "--json").check()
+    shutil.rmtree(ws.target)
+    assert run_rsnap(ws, crash_store, "restore", "--json").check().data["result"] == "exact"
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert ws.run_app() == expected
+
+
+def test_gc_killed_at_random_times_is_never_stale(scene):
+    """kill -9 of `rsnap gc` after a random delay (gc is interrupt-safe by design)."""
+    ws = scene.ws
+    if run_rsnap(ws, scene.store, "gc", "--help").returncode != 0:
+        pytest.skip("rsnap gc is not wired into the CLI yet")
+    rng = random.Random(5)
+    stats = STATS["gc-crash"]
+    _prepare(scene, "c2", False, True, False)
+    run_rsnap(ws, scene.store, "restore", "--json").check()
+    ws.build("build")
+    for i in range(6):
+        # make garbage: units of another regdep version next to the current ones
+        ws.cargo("update", "-p", "regdep", "--precise", ["1.0.1", "1.1.0", "1.0.0"][i % 3])
+        ws.build("build")
+        started = time.monotonic()
+        proc = start_rsnap(ws, scene.store, "gc")
+        time.sleep(rng.uniform(0, 0.6))
+        proc.kill()
+        proc.wait()
+        stats["cases"] += 1
+        stats["killed"] += proc.returncode == -signal.SIGKILL
+        _assert_correct(ws, f"gc killed after {time.monotonic() - started:.2f}s")
+    check_store(scene.store)
+
+
+# ---------------------------------------------------------------- 2. disk full and permissions
+
+def test_injected_disk_errors_are_one_line_and_lose_nothing(scene, tmp_path):
+    """ENOSPC/EIO at restore writes, pack and manifest uploads: documented exit code, one line,
+    the store unchanged and still complete, an interrupted restore repaired by the next one."""
+    ws, stats = scene.ws, STATS["injected-errors"]
+    store = tmp_path / "store"
+    shutil.copytree(scene.store, store)
+    before = store_files(store)
+    cases = [("restore", "restore.write:3:enospc", 7), ("restore", "restore.write:9:eio", 4),
+             ("restore", "restore.invalidate:1:enospc", 7),
+             ("save", "store.packs.tmp:1:enospc", 7), ("save", "store.snapshots.tmp:1:enospc", 7),
+             ("save", "store.packs.tmp:1:eio", 3), ("save", "store.snapshots.tmp:1:eacces", 3)]
+    for i, (cmd, spec, code) in enumerate(cases):
+        _prepare(scene, "c1", False, True, False)   # a target whose content differs from the snapshot
+        ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {50 + i};")
+        ws.build("build")
+        res = run_rsnap(ws, store, cmd, env_extra={"RSNAP_FAULT": spec})
+        assert res.returncode == code, (spec, res.returncode, res.stderr)
+        one_line_error(res)
+        assert store_files(store) == before, spec  # no new object, no temp file left
+        check_store(store)
+        stats["cases"] += 1
+        _assert_correct(ws, spec)
+        run_rsnap(ws, store, "restore", "--json").check()
+        _assert_correct(ws, spec + ", then restored again")
+
+
+def test_file_size_limit_efbig_on_save_and_restore(scene, tmp_path):
+    """RLIMIT_FSIZE: every write past the limit fails with EFBIG, as on a full quota."""
+    ws = scene.ws
+    store = tmp_path / "store"
+    shutil.copytree(scene.store, store)
+    before = store_files(store)
+    _prepare(scene, "c1", False, True, False)
+    ws.build("build")
+    res = run_rsnap(ws, store, "save", preexec_fn=file_size_limit(1 << 20))
+    assert res.returncode == 7, res.stderr
+    assert "file size limit" in one_line_error(res)
+    assert store_files(store) == before
+    shutil.rmtree(ws.target)
+    res = run_rsnap(ws, store, "restore", preexec_fn=file_size_limit(1 << 20))
+    assert res.returncode == 7, res.stderr
+    one_line_error(res)
+    _assert_correct(ws, "restore hit the file size limit")
+    assert run_rsnap(ws, store, "restore", "--json").check().data["repaired_interrupted_restore"]
+    _assert_correct(ws, "restored after the file size limit")
+    STATS["efbig"]["cases"] += 2
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mounts = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        if not try_mount(["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]):
+            pytest.skip("cannot mount a tmpfs here")
+        mounts.append(path)
+        return path
+    yield mount
+    for path in reversed(mounts):
+        umount(path)
+
+
+def test_real_enospc_on_a_full_store(scene, small_tmpfs):
+    ws = scene.ws
+    store = small_tmpfs(scene.base / "full-store", "4m")
+    for sub in ("snapshots",):
+        shutil.copytree(scene.store / sub, store / sub)
+    _prepare(scene, "c1", False, True, False)
+    ws.build("build")
+    before = store_files(store)
+    res = run_rsnap(ws, store, "save")
+    assert res.returncode == 7, res.stderr
+    assert "No space left" in one_line_error(res)
+    assert store_files(store) == before      # the half-written pack was removed, nothing visible
+    STATS["enospc"]["cases"] += 1
+
+
+def test_real_enospc_on_a_full_target_then_repair(scene, small_tmpfs):
+    ws = scene.ws
+    _prepare(scene, "c2", False, False, False)
+    target = small_tmpfs(ws.target, "8m")
+    res = run_rsnap(ws, scene.store, "restore")
+    assert res.returncode == 7, res.stderr
+    assert "No space left" in one_line_error(res)
+    assert (target / ".rsnap" / "restoring").exists()
+    subprocess.run(["mount", "-o", "remount,size=200m", str(target)], check=True)
+    _assert_correct(ws, "restore ran out of space")  # cargo rebuilds what has no fingerprint
+    assert run_rsnap(ws, scene.store, "restore", "--json").check().data["repaired_interrupted_restore"]
+    build = ws.build("build")
+    assert ws.run_app() == ws.clean_output(), build.summary()
+    STATS["enospc"]["cases"] += 1
+
+
+def test_read_only_store(scene, tmp_path):
+    """A read-only store (bind mount, else mode bits without DAC capabilities): restore works,
+    save fails with exit 3 and one line."""
+    ws = scene.ws
+    store = tmp_path / "ro-store"
+    shutil.copytree(scene.store, store)
+    if try_mount(["--bind", str(store), str(store)]):
+        try:
+            assert try_mount(["-o", "remount,bind,ro", str(store)])
+            preexec = None
+            _read_only_store_checks(scene, store, preexec)
+        finally:
+            umount(store)
+    elif permissions_enforced(tmp_path):
+        for d in [store, *[p for p in store.rglob("*") if p.is_dir()]]:
+            d.chmod(0o555)
+        _read_only_store_checks(scene, store, drop_dac_caps)
+    else:
+        pytest.skip("neither bind mounts nor permission bits can make a read-only store here")
+
+
+def _read_only_store_checks(scene, store, preexec):
+    ws = scene.ws
+    _prepare(scene, "c2", False, False, False)
+    assert run_rsnap(ws, store, "restore", "--json", preexec_fn=preexec).check().data["result"] == "exact"
+    assert ws.build("build").all_fresh()
+    ws.append("crates/app/src/main.rs", "\n// edit\n")
+    ws.build("build")
+    res = run_rsnap(ws, store, "save", preexec_fn=preexec)
+    assert res.returncode == 3, res.stderr
+    one_line_error(res)
+    STATS["read-only-store"]["cases"] += 2
+
+
+def test_permission_errors_are_one_line(scene, tmp_path):
+    """Root without DAC capabilities: unreadable target file or dir (save), unwritable target dir
+    (restore), unreadable pack (restore): one line, documented exit code, store unchanged."""
+    ws = scene.ws
+    if not permissions_enforced(tmp_path):
+        pytest.skip("cannot drop CAP_DAC_OVERRIDE here")
+    store = tmp_path / "store"
+    shutil.copytree(scene.store, store)
+    before = store_files(store)
+    _prepare(scene, "c1", False, True, False)
+    ws.build("build")
+    victim = next((ws.target / "debug" / "deps").glob("libws_core-*.rlib"))
+    victim.chmod(0)
+    res = run_rsnap(ws, store, "save", preexec_fn=drop_dac_caps)
+    victim.chmod(0o644)
+    assert res.returncode == 4, res.stderr
+    assert "permission denied" in one_line_error(res).lower()
+    assert store_files(store) == before
+
+    fp = ws.target / "debug" / ".fingerprint"
+    fp.chmod(0)
+    res = run_rsnap(ws, store, "save", preexec_fn=drop_dac_caps)
+    fp.chmod(0o755)
+    assert res.returncode == 4, res.stderr
+    assert "permission denied" in one_line_error(res).lower()
+    assert store_files(store) == before
+
+    deps = ws.target / "debug" / "deps"
+    deps.chmod(0o555)
+    res = run_rsnap(ws, store, "restore", preexec_fn=drop_dac_caps)
+    deps.chmod(0o755)
+    assert res.returncode == 4, res.stderr
+    assert "permission denied" in one_line_error(res).lower()
+    _assert_correct(ws, "restore into an unwritable dir")
+
+    shutil.rmtree(ws.target)
+    for pack in (store / "packs").rglob("*"):
+        if pack.is_file():
+            pack.chmod(0)
+    res = run_rsnap(ws, store, "restore", preexec_fn=drop_dac_caps)
+    assert res.returncode == 3, res.stderr
+    assert "permission denied" in one_line_error(res).lower()
+    _assert_correct(ws, "restore from unreadable packs")
+    STATS["permissions"]["cases"] += 4
+
+
+# ---------------------------------------------------------------- 3. concurrency
+
+def test_two_restores_into_one_target_at_once(scene):
+    ws, stats = scene.ws, STATS["concurrent-restores"]
+    for persistent in (False, True, False):
+        _prepare(scene, "c2", False, persistent, not persistent)
+        procs = [start_rsnap(ws, scene.store, "restore", "--json") for _ in range(2)]
+        outs = [p.communicate() for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+        build = ws.build("build", "--offline")
+        assert build.all_fresh(), build.summary()
+        assert ws.run_app() == ws.clean_output()
+        stats["cases"] += 1
+
+
+def _hold_flock(path: Path, seconds: float, exclusive: bool = True) -> threading.Thread:
+    """Hold a flock like cargo does during a build, from another thread, for `seconds`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+    def release():
+        time.sleep(seconds)
+        os.close(fd)
+    t = threading.Thread(target=release)
+    t.start()
+    return t
+
+
+def test_save_and_restore_wait_for_cargos_build_lock(scene, tmp_path):
+    """While something holds `<target>/debug/.cargo-lock` (cargo does for a whole build), save and
+    restore wait for it."""
+    ws = scene.ws
+    _prepare(scene, "c2", False, False, False)
+    run_rsnap(ws, scene.store, "restore").check()
+    store = tmp_path / "store"
+    for cmd, st in (("save", store), ("restore", scene.store)):
+        holder = _hold_flock(ws.target / "debug" / ".cargo-lock", 2.0)
+        started = time.monotonic()
+        res = run_rsnap(ws, st, cmd).check()
+        holder.join()
+        assert time.monotonic() - started >= 1.9, cmd
+        assert "waiting for the lock" in res.stderr
+        STATS["cargo-lock"]["cases"] += 1
+    _assert_correct(ws, "after waiting for cargo's lock")
+
+
+_SLOW_BUILD_RS = """
+fn main() {
+    if std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../slow-build").exists() {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+"""
+
+
+def test_save_during_a_real_cargo_build_waits_for_it(scene, tmp_path):
+    """A real `cargo build` with a slow build script: a save started during it waits for cargo's
+    lock, so the snapshot holds the finished build and restores fresh and correct."""
+    ws = scene.ws
+    _prepare(scene, "c2", False, False, False)
+    run_rsnap(ws, scene.store, "restore").check()
+    ws.replace("crates/gen/build.rs", "\nfn main() {\n", _SLOW_BUILD_RS)
+    ws.write("slow-build", "")
+    cargo = subprocess.Popen(["cargo", "build"], cwd=ws.root, env=ws.env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    lock = ws.target / "debug" / ".cargo-lock"
+    deadline = time.monotonic() + 60
+    while not _is_locked(lock):
+        assert cargo.poll() is None and time.monotonic() < deadline, "cargo never took its build lock"
+        time.sleep(0.05)
+    store = tmp_path / "store"
+    res = run_rsnap(ws, store, "save", "--json")
+    save_done = time.monotonic()
+    assert cargo.wait() == 0, cargo.stderr.read()
+    cargo_done = time.monotonic()
+    res.check()
+    assert "waiting for the lock" in res.stderr
+    assert save_done >= cargo_done - 0.5  # save finished only after cargo let go of the lock
+    (ws.root / "slow-build").unlink()
+    expected = ws.clean_output()
+    shutil.rmtree(ws.target)
+    run_rsnap(ws, store, "restore").check()
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert ws.run_app() == expected
+    STATS["cargo-lock"]["real-build"] += 1
+
+
+def _is_locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_saves_to_one_store(scene, registry, gitdep_url, tmp_path):
+    """Two workspaces save into one store at once, with the same and with different content;
+    and two saves of one target at once. Every snapshot stays complete and restores right."""
+    ws = scene.ws
+    ws2 = create_workspace(tmp_path / "ws2", registry.index_url, gitdep_url)
+    store = tmp_path / "store"
+    _prepare(scene, "c2", False, False, False)
+    ws.build("build")
+    for i in range(3):
+        ws2.replace("crates/app/src/main.rs", f"const APP_REVISION: u32 = {i + 1};",
+                    f"const APP_REVISION: u32 = {i + 2};")
+        ws2.build("build")
+        procs = [start_rsnap(w, store, "save", "--json") for w in (ws, ws2, ws)]
+        for p in procs:
+            out, err = p.communicate()
+            assert p.returncode == 0, err
+        info = check_store(store)
+        STATS["concurrent-saves"]["cases"] += 1
+    assert info["snapshots"] == 9
+    for w in (ws, ws2):
+        expected = w.run_app()
+        shutil.rmtree(w.target)
+        run_rsnap(w, store, "restore").check()
+        build = w.build("build", "--offline")
+        assert build.all_fresh(), build.summary()
+        assert w.run_app() == expected
+
+
+def test_prune_during_a_save_never_breaks_the_new_snapshot(scene, tmp_path):
+    """A save dedupes against an older snapshot of its key; prune (keep 1) deletes that snapshot and
+    its packs (older than the grace period) while the save is paused just before writing its
+    manifest. The new snapshot must still be complete."""
+    ws = scene.ws
+    store = tmp_path / "store"
+    _prepare(scene, "c2", False, False, False)
+    run_rsnap(ws, scene.store, "restore").check()
+    run_rsnap(ws, store, "save").check()          # newest: c2's build, in packs of its own
+    src = LocalStore(scene.store, create=False)
+    oldest = repo.list_snapshots(src)[-1][0]      # c1's build: the only snapshot using its packs
+    shutil.copy(scene.store / oldest, store / oldest)
+    for pack in {loc[0] for loc in repo.read_manifest(src, oldest).blobs.values()}:
+        (store / repo.pack_name(pack)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(scene.store / repo.pack_name(pack), store / repo.pack_name(pack))
+    old = time.time() - 3 * 3600
+    for pack in (store / "packs").rglob("*"):
+        os.utime(pack, (old, old))               # all packs older than prune's grace period
+    _prepare(scene, "c1", False, True, False)     # c1's build: save dedupes against the older snapshot
+    ws.build("build")
+    expected = ws.run_app()
+    save = start_rsnap(ws, store, "save", "--json", env_extra={"RSNAP_FAULT": "save.manifest:1:stop"})
+    deadline = time.monotonic() + 60
+    while _proc_state(save.pid) != "T":
+        assert save.poll() is None and time.monotonic() < deadline, save.communicate()
+        time.sleep(0.02)
+    prune = start_rsnap(ws, store, "store", "prune", "--keep", "1", "--json")
+    try:
+        prune.wait(timeout=3)                    # without a store lock prune is done by now
+    except subprocess.TimeoutExpired:
+        pass
+    os.kill(save.pid, signal.SIGCONT)
+    out, err = save.communicate(timeout=120)
+    assert save.returncode == 0, err
+    pout, perr = prune.communicate(timeout=120)
+    assert prune.returncode == 0, perr
+    check_store(store)
+    shutil.rmtree(ws.target)
+    run_rsnap(ws, store, "restore").check()
+    assert ws.build("build", "--offline").all_fresh()
+    assert ws.run_app() == expected
+    STATS["prune-vs-save"]["cases"] += 1
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+# ---------------------------------------------------------------- 4. hostile input
+
+def _newest(store: Path) -> str:
+    return repo.list_snapshots(LocalStore(store, create=False))[0][0]
+
+
+def _load_doc(store: Path, name: str) -> dict:
+    return json.loads(zstandard.ZstdDecompressor().decompress((store / name).read_bytes()))
+
+
+def _hostile_store(scene, tmp: Path, mutate) -> Path:
+    store = tmp / f"hostile-{time.monotonic_ns()}"
+    shutil.copytree(scene.store / "packs", store / "packs")
+    name = _newest(scene.store)
+    doc = _load_doc(scene.store, name)
+    mutate(doc)
+    text = json.dumps(doc).replace("@OUTSIDE@", str(scene.base / "outside"))
+    (store / name).parent.mkdir(parents=True)
+    (store / name).write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    return store
+
+
+def _root(doc, name):
+    return next(r for r in doc["roots"] if r["name"] == name)
+
+
+def _a_file(doc, root="target"):
+    return next(e for e in _root(doc, root)["entries"] if e[1] == "f" and e[3] > 0)
+
+
+def _add(doc, root, *entries):
+    _root(doc, root)["entries"].extend(list(e) for e in entries)
+
+
+def _file_like(doc, path, root="target"):
+    e = list(_a_file(doc, root))
+    e[0] = path
+    return e
+
+
+HOSTILE = {
+    "dotdot": lambda d: _add(d, "target", _file_like(d, "debug/../../escape")),
+    "dotdot-cargo-home": lambda d: _add(d, "cargo_home", _file_like(d, "registry/index/../../../escape", "cargo_home")),
+    "absolute": lambda d: _add(d, "target", _file_like(d, "@OUTSIDE@/escape")),
+    "symlink-out": lambda d: _add(d, "target", ["debug/out", "l", 0o777, 0, 1, "../../../outside"]),
+    "symlink-absolute": lambda d: _add(d, "target", ["debug/out", "l", 0o777, 0, 1, "@OUTSIDE@"]),
+    "symlink-hop": lambda d: _add(d, "target", ["hop", "d", 0o755, 0, 1, ""], ["hop/up", "l", 0o777, 0, 1, ".."],
+                                  ["hop/up/q", "l", 0o777, 0, 1, "../.."]),
+    "below-symlink": lambda d: _add(d, "target", ["lnk", "l", 0o777, 0, 1, "debug"], _file_like(d, "lnk/x")),
+    "below-file": lambda d: _add(d, "target", _file_like(d, "debug/app/x")),
+    "device": lambda d: _add(d, "target", ["debug/dev", "c", 0o666, 0, 1, ""]),
+    "fifo": lambda d: _add(d, "target", ["debug/fifo", "p", 0o666, 0, 1, ""]),
+    "huge-size": lambda d: _add(d, "target", ["debug/huge", "f", 0o644, 1 << 50, 1, _a_file(d)[5]]),
+    "size-mismatch": lambda d: _add(d, "target", ["debug/sz", "f", 0o644, _a_file(d)[3] + 1, 1, _a_file(d)[5]]),
+    "missing-blob": lambda d: _add(d, "target", ["debug/nb", "f", 0o644, 3, 1, "0" * 32]),
+    "duplicate": lambda d: _add(d, "target", _a_file(d)),
+    "setuid": lambda d: _add(d, "target", ["debug/suid", "f", 0o104755, 3, 1, _a_file(d)[5]]),
+    "cargo-home-config": lambda d: _add(d, "cargo_home", _file_like(d, "config.toml", "cargo_home")),
+    "cargo-home-bin": lambda d: _add(d, "cargo_home", _file_like(d, "bin/cargo", "cargo_home")),
+    "cargo-home-credentials": lambda d: _add(d, "cargo_home", _file_like(d, "registry/index/credentials.toml",
+                                                                      "cargo_home")),
+    "rsnap-state": lambda d: _add(d, "target", _file_like(d, ".rsnap/state")),
+    "cargo-lock-file": lambda d: _add(d, "target", _file_like(d, "debug/.cargo-lock")),
+    "not-merge": lambda d: _root(d, "cargo_home").update(merge=False),
+    "two-targets": lambda d: d["roots"].append(dict(_root(d, "target"))),
+    # Never "/" or a real system path here: a regression would re-time the whole machine (the
+    # pre-fix rsnap walked any recorded source dir and bumped every mtime below it).
+    "source-dotdot": lambda d: d["sources"].append(["../outside/keep", "f", 1, 1, "0" * 32]),
+    "source-dir-dotdot": lambda d: d["source_dirs"].append("../outside"),
+    "source-dir-not-a-package": lambda d: d["source_dirs"].append("@OUTSIDE@"),
+    "source-bad-mtime": lambda d: d["sources"].append(["Cargo.toml", "f", 1, "soon", "0" * 32]),
+    "blob-huge-clen": lambda d: d["blobs"].update({_a_file(d)[5]: [d["blobs"][_a_file(d)[5]][0], 0, 1 << 40,
+                                                                   _a_file(d)[3]]}),
+    "newer-format": lambda d: d.update(format=2),
+    "format-zero": lambda d: d.update(format=0),
+    "format-bool": lambda d: d.update(format=True),
+    "created-inf": lambda d: d.update(created_ns=float("inf")),
+    "roots-not-list": lambda d: d.update(roots="target"),
+}
+HOSTILE_CODES = {"blob-huge-clen": 3, "source-dir-not-a-package": 0}
+
+
+def _outside_state(scene, source_mtimes: bool = True) -> dict:
+    """Everything a hostile snapshot might touch outside the target dir. Without source_mtimes
+    (a restore that failed late, after it could legitimately write $CARGO_HOME and normalize
+    sources), $CARGO_HOME is left out and the workspace's own files count by size only."""
+    ws = scene.ws
+    out = {}
+    tops = (ws.cargo_home,) if source_mtimes else ()
+    for top in (*tops, scene.base / "outside", ws.root.parent, ws.root):
+        for dirpath, dirs, files in os.walk(top):
+            if top in (ws.root.parent, ws.root):
+                dirs[:] = []   # only the workspace's siblings and its top-level files
+            for fn in files:
+                p = Path(dirpath, fn)
+                try:
+                    st_ = p.lstat()
+                except FileNotFoundError:
+                    continue
+                ours = top == ws.root and not source_mtimes
+                out[str(p)] = (st_.st_size, None if ours else st_.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_manifest_is_refused_before_anything_is_written(scene, tmp_path, case):
+    ws = scene.ws
+    store = _hostile_store(scene, tmp_path, HOSTILE[case])
+    (scene.base / "outside").mkdir(exist_ok=True)
+    (scene.base / "outside" / "keep").write_text("keep")
+    _prepare(scene, "c2", False, False, False)
+    late = case in HOSTILE_CODES   # found while writing (blob checks), not by manifest validation
+    before = _outside_state(scene, source_mtimes=not late)
+    res = run_rsnap(ws, store, "restore")
+    assert res.returncode == HOSTILE_CODES.get(case, 5), (case, res.returncode, res.stderr)
+    line = one_line_error(res) if res.returncode else ""
+    if not late:
+        assert not ws.target.exists(), f"{case}: restore wrote into the target before refusing"
+    assert _outside_state(scene, source_mtimes=not late) == before, f"{case}: restore wrote outside the target"
+    STATS["hostile-manifests"]["cases"] += 1
+    STATS["hostile-manifests"][f"exit{res.returncode}"] += 1
+    if case == "newer-format":
+        assert "newer rsnap" in line
+
+
+@pytest.mark.parametrize("damage", ["not-zstd", "truncated", "bitflip", "not-json", "json-array", "deep-json",
+                                    "empty"])
+def test_malformed_manifest_bytes_are_refused(scene, tmp_path, damage):
+    ws = scene.ws
+    store = tmp_path / "store"
+    shutil.copytree(scene.store, store)
+    name = _newest(store)
+    raw = (store / name).read_bytes()
+    c = zstandard.ZstdCompressor()
+    data = {"not-zstd": b"{}", "truncated": raw[: len(raw) // 2], "empty": b"",
+            "bitflip": raw[:20] + bytes([raw[20] ^ 0x10]) + raw[21:],
+            "not-json": c.compress(b"\xff\xfe garbage"), "json-array": c.compress(b"[1,2,3]"),
+            "deep-json": c.compress(b"[" * 100_000 + b"]" * 100_000)}[damage]
+    (store / name).write_bytes(data)
+    _prepare(scene, "c2", False, False, False)
+    res = run_rsnap(ws, store, "restore")
+    assert res.returncode == 5, res.stderr
+    one_line_error(res)
+    assert not ws.target.exists()
+    STATS["malformed-manifests"]["cases"] += 1
+
+
+@pytest.mark.parametrize("damage", ["truncate-pack", "bitflip-every-pack", "zero-pack", "swap-packs"])
+def test_damaged_packs_fail_cleanly_and_stay_inside(scene, tmp_path, damage):
+    """Blob damage is found while writing: exit 3, one line, nothing outside the target touched,
+    and the half-restored target is detected (save refuses) and repaired by a good restore."""
+    ws = scene.ws
+    store = tmp_path / "store"
+    shutil.copytree(scene.store, store)
+    packs = sorted(p for p in (store / "packs").rglob("*") if p.is_file())
+    for i, pack in enumerate(packs):
+        data = pack.read_bytes()
+        if damage == "truncate-pack":
+            data = data[: len(data) // 3]
+        elif damage == "bitflip-every-pack":
+            data = data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]
+        elif damage == "zero-pack":
+            data = bytes(len(data))
+        elif damage == "swap-packs":
+            data = packs[(i + 1) % len(packs)].read_bytes() if len(packs) > 1 else data[::-1]
+        pack.write_bytes(data)
+    _prepare(scene, "c2", False, False, False)
+    before = _outside_state(scene)
+    res = run_rsnap(ws, store, "restore")
+    assert res.returncode == 3, res.stderr
+    assert "corrupt" in one_line_error(res) or "truncated" in res.stderr
+    after = _outside_state(scene)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert all(k.startswith(str(ws.cargo_home)) for k in changed), changed
+    _assert_correct(ws, f"restore from {damage} store")
+    save = run_rsnap(ws, tmp_path / "other", "save")
+    assert save.returncode == 2 and "interrupted" in one_line_error(save)
+    assert run_rsnap(ws, scene.store, "restore", "--json").check().data["repaired_interrupted_restore"]
+    _assert_correct(ws, f"repaired after {damage}")
+    STATS["damaged-packs"]["cases"] += 1
+
+
+def test_existing_symlink_in_cargo_home_is_not_written_through(scene, tmp_path):
+    """A symlink already in $CARGO_HOME (left by an earlier run or planted) must not let a restore
+    write outside: files below it are refused, the link target dir is untouched."""
+    ws = scene.ws
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = "registry/index/planted"
+
+    def mutate(doc):
+        _add(doc, "cargo_home", _file_like(doc, f"{name}/pwned", "cargo_home"))
+    store = _hostile_store(scene, tmp_path, mutate)
+    _prepare(scene, "c2", False, False, False)
+    (ws.cargo_home / name).parent.mkdir(parents=True, exist_ok=True)
+    (ws.cargo_home / name).symlink_to(outside)
+    try:
+        res = run_rsnap(ws, store, "restore")
+        assert res.returncode == 4, res.stderr
+        assert "symlink" in one_line_error(res)
+        assert list(outside.iterdir()) == []
+    finally:
+        (ws.cargo_home / name).unlink()
+    assert run_rsnap(ws, scene.store, "restore", "--json").check().data["repaired_interrupted_restore"]
+    _assert_correct(ws, "after refusing a planted symlink")
+    STATS["hostile-manifests"]["planted-symlink"] += 1
+
+
+# ---------------------------------------------------------------- 5. long run
+
+_LONGRUN_OPS = ["core_rev", "app_rev", "util_name", "macro_stamp", "words", "core_extra_add",
+                "core_extra_delete", "revert", "regdep"]
+
+
+def _random_op(rng: random.Random):
+    kind = rng.choice(_LONGRUN_OPS)
+    if kind == "words":
+        return kind, rng.sample(["alpha", "beta", "gamma", "delta", "zeta"], rng.randint(1, 4))
+    if kind == "revert":
+        return kind, rng.choice(["crates/core", "crates/app", "crates/util", "crates/gen", "crates/macros"])
+    if kind == "regdep":
+        return kind, rng.choice(["1.0.0", "1.0.1", "1.1.0"])
+    return kind, rng.randint(1, 6)
+
+
+def test_long_run_of_random_ci_runs_is_never_stale(registry, gitdep_url, tmp_path_factory, request):
+    """Random steps on one repo and store: edits, cold or persistent runners with fresh or
+    commit-time mtimes, restores (sometimes killed), builds checked against a clean build,
+    saves (sometimes killed), prunes, gc. Zero stale builds, every snapshot complete."""
+    from test_never_stale import apply_op
+    seed = int(os.environ.get("RSNAP_LONGRUN_SEED", "0")) or (1 if os.environ.get("CI") else random.randrange(1 << 30))
+    rng = random.Random(seed)
+    base = tmp_path_factory.mktemp("longrun")
+    ws = create_workspace(base / "ws", registry.index_url, gitdep_url)
+    ws.git("tag", "origin-initial")
+    ws.git("push", "-q", "origin", "origin-initial")
+    store = base / "store"
+    has_gc = run_rsnap(ws, store, "gc", "--help").returncode == 0
+    stats = STATS["long-run"]
+    stats["seed"] = seed
+    deadline = time.monotonic() + LONGRUN_SECONDS
+    steps = 0
+    while time.monotonic() < deadline or steps < 3:
+        steps += 1
+        ctx = f"seed {seed} step {steps}"
+        persistent = rng.random() < 0.4
+        if not persistent:
+            ws.clone_fresh(allow_dirty=True)
+            if rng.random() < 0.5:
+                shutil.rmtree(ws.cargo_home / "registry", ignore_errors=True)
+        if rng.random() < 0.4:
+            set_source_mtimes(ws, OLD_MTIME_NS + rng.randrange(10**12))
+        ops = [_random_op(rng) for _ in range(rng.randint(0, 3))]
+        after = rng.random() < 0.3
+        for op in ([] if after else ops):
+            apply_op(ws, op)
+        kill = rng.random() < 0.25
+        env = {"RSNAP_FAULT": f"restore.*:{rng.randint(1, 400)}"} if kill else {}
+        res = run_rsnap(ws, store, "restore", "--json", env_extra=env)
+        assert res.returncode in ((0, -signal.SIGKILL) if kill else (0,)), f"{ctx}: {res.stderr}"
+        stats["restores-killed"] += res.returncode == -signal.SIGKILL
+        for op in (ops if after else []):
+            apply_op(ws, op)
+        _assert_correct(ws, f"{ctx}: ops {ops} after restore {after} persistent {persistent} kill {env}")
+        stats["builds-checked"] += 1
+        if res.returncode != 0:
+            run_rsnap(ws, store, "restore", "--json").check()
+            _assert_correct(ws, f"{ctx}: repaired")
+            stats["builds-checked"] += 1
+        if has_gc and rng.random() < 0.3:
+            run_rsnap(ws, store, "gc").check()
+            _assert_correct(ws, f"{ctx}: after gc")
+            stats["gc"] += 1
+        if rng.random() < 0.2:
+            save = run_rsnap(ws, store, "save", "--json", env_extra={"RSNAP_FAULT": f"*:{rng.randint(1, 400)}"})
+            assert save.returncode in (0, -signal.SIGKILL), f"{ctx}: {save.stderr}"
+            stats["saves-killed"] += save.returncode == -signal.SIGKILL
+        run_rsnap(ws, store, "save", "--json").check()
+        if rng.random() < 0.15:
+            run_rsnap(ws, store, "store", "prune", "--keep", "1").check()
+            stats["prunes"] += 1
+        ws.commit(f"longrun {steps}")
+    stats["steps"] = steps
+    stats["snapshots"] = check_store(store)["snapshots"]
+    report(request.config, f"[rsnap reliability] long run: {steps} steps in {LONGRUN_SECONDS:.0f}s, seed {seed}, "
+                           f"zero stale builds")
