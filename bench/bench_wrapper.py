@@ -252,6 +252,24 @@ def setup_given(root: Path, ws: Path, home: Path, home2: Path | None):
     return None, [(ws, home), (ws2, home2)]
 
 
+def startup_overhead(rustc: str) -> dict:
+    """Median wall ms of `rustc -vV` direct and through each wrapper (the pass-through
+    path), and of a bare interpreter start (what every rsnap-rustc call pays first)."""
+    def median_ms(cmd, n=25):
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times.append(time.perf_counter() - start)
+        return round(statistics.median(times) * 1000, 1)
+    env_note = "PYTHONDONTWRITEBYTECODE" in os.environ
+    return {"rustc_vV_ms": median_ms([rustc, "-vV"]),
+            "rsnap_rustc_vV_ms": median_ms([tool("rsnap-rustc"), rustc, "-vV"]),
+            "python_start_ms": median_ms([sys.executable, "-c", "pass"]),
+            "python_start_no_site_ms": median_ms([sys.executable, "-S", "-c", "pass"]),
+            "dont_write_bytecode": env_note}
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 2) if b else None
 
@@ -278,11 +296,16 @@ def main(argv=None) -> int:
         server, pairs = setup_realistic(root)
     try:
         checkouts = [(ws, clean_env(home)) for ws, home in pairs]
+        rustc = subprocess.run(["rustup", "which", "rustc"], capture_output=True, text=True).stdout.strip() \
+            or shutil.which("rustc")
+        startup = startup_overhead(rustc)
+        log(f"start-up: {startup}")
         log(f"clean build in {checkouts[0][0]}")
         clean_s, clean_cpu, units = build(checkouts[0][0], checkouts[0][1], root / "target-clean")
         results = {"clean": {"seconds": round(clean_s, 2), "cpu_seconds": round(clean_cpu, 2), "units": units},
                    "sccache": run_tool(Sccache(root), "sccache", checkouts, root, args.repeat),
-                   "rsnap": run_tool(Rsnap(root), "rsnap", checkouts, root, args.repeat)}
+                   "rsnap": run_tool(Rsnap(root), "rsnap", checkouts, root, args.repeat),
+                   "startup": startup}
     finally:
         if server is not None:
             server.stop()
@@ -315,6 +338,8 @@ def print_table(r: dict, file) -> None:
             print(f"{name + ' ' + text:<36}{row['seconds']:>8.2f}{row['cpu_seconds']:>8.2f}{row['hits']:>6}"
                   f"{row['misses']:>8}{row['non_cacheable']:>15}", file=file)
     for k, v in r["ratios"].items():
+        print(f"{k:<34}{v}", file=file)
+    for k, v in r["startup"].items():
         print(f"{k:<34}{v}", file=file)
 
 

@@ -71,13 +71,14 @@ def discover(manifest_path: str | None = None, with_deps: bool = False) -> Works
     """Find workspace root, target dir, build dir and CARGO_HOME as cargo does."""
     if manifest_path and not Path(manifest_path).is_file():
         raise RsnapError(f"manifest path {manifest_path} does not exist", EXIT_WORKSPACE)
-    meta = run_cargo_metadata(manifest_path, no_deps=True)
+    meta = None
     if with_deps:
         try:
-            full = run_cargo_metadata(manifest_path, no_deps=False)
-            meta["packages"] = full["packages"]
+            meta = run_cargo_metadata(manifest_path, no_deps=False)
         except RsnapError:
             pass  # offline resolution failed: workspace members are enough
+    if meta is None:
+        meta = run_cargo_metadata(manifest_path, no_deps=True)
     root = Path(meta["workspace_root"])
     target = Path(meta["target_directory"])
     build = Path(meta.get("build_directory") or target)

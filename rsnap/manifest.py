@@ -2,7 +2,8 @@
 
 A manifest lists, per root (target dir, build dir, $CARGO_HOME subset), every entry
 as [relpath, type, mode, size, mtime_ns, digest]; `digest` is the xxh3-128 of a
-file's content, a symlink's target, or "" for a directory. `blobs` maps each digest
+file's content, a symlink's target, or "" for a directory; an "h" entry is a hard
+link whose digest is the path of a file entry of the same root. `blobs` maps each digest
 to its location [pack, offset, compressed_len, size]. `sources` records the files
 cargo's freshness checks read: [path, type, size, mtime_ns, digest], path relative
 to the workspace root (absolute when outside it).
@@ -27,7 +28,7 @@ MAX_FILE_SIZE = 1 << 40
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
 _PACK = re.compile(r"^[0-9a-f]{32}$")
 
-FILE, DIR, LINK = "f", "d", "l"
+FILE, DIR, LINK, HARDLINK = "f", "d", "l", "h"
 
 
 @dataclass
@@ -164,6 +165,9 @@ def _check_tree(root: str, entries: list[Entry]) -> None:
                      f"{e.path} is not a cargo cache path")
         else:
             _require(not is_excluded_target_path(e.path), f"{e.path} is never part of a snapshot")
+    for e in entries:
+        if e.type == HARDLINK:
+            _require(types.get(e.digest) == FILE, f"hard link {e.path} does not point to a file of root {root}")
     for path in types:
         parent = path
         while "/" in parent:
@@ -182,7 +186,7 @@ def _entry(raw, blobs: dict) -> Entry:
     _require(isinstance(raw, list) and len(raw) == 6, "bad entry")
     path, typ, mode, size, mtime_ns, digest = raw
     check_relpath(path)
-    _require(typ in (FILE, DIR, LINK), f"bad entry type {typ!r} for {path}")
+    _require(typ in (FILE, DIR, LINK, HARDLINK), f"bad entry type {typ!r} for {path}")
     _require(isinstance(mode, int) and 0 <= mode <= 0o7777, f"bad mode for {path}")
     _require(isinstance(size, int) and 0 <= size <= MAX_FILE_SIZE, f"bad size for {path}")
     _require(isinstance(mtime_ns, int) and 0 <= mtime_ns < 1 << 63, f"bad mtime for {path}")
@@ -192,6 +196,8 @@ def _entry(raw, blobs: dict) -> Entry:
         _require(blobs[digest][3] == size, f"size mismatch for {path}")
     elif typ == LINK:
         check_link_target(path, digest)
+    elif typ == HARDLINK:
+        check_relpath(digest)  # the path of a file entry of the same root (checked in _check_tree)
     return Entry(path, typ, mode & 0o777, size, mtime_ns, digest)
 
 

@@ -10,6 +10,7 @@ restore. Saves dedupe against the blob tables of recent snapshots.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,9 +73,17 @@ class PackWriter:
         self.pending_digests = set()
 
 
+_local = threading.local()
+
+
 def compress(data: bytes) -> bytes:
-    threads = 2 if len(data) > (8 << 20) else 0
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads).compress(data)
+    """One zstd frame (content size recorded); big blobs use zstd's own threads too."""
+    if len(data) > (8 << 20):
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=2).compress(data)
+    cctx = getattr(_local, "cctx", None)
+    if cctx is None:
+        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return cctx.compress(data)
 
 
 def read_blob(store, loc: list, digest: str, pack_cache: dict | None = None) -> bytes:

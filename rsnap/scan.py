@@ -32,6 +32,7 @@ class Found:
     ino: int
     ctime_ns: int
     link: str = ""
+    nlink: int = 1
 
     def stat_key(self):
         return [self.size, self.mtime_ns, self.ino, self.ctime_ns]
@@ -67,7 +68,8 @@ def _walk_dir(path: Path, rel_prefix: str, exclude):
             yield Found(rel, "d", stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
             yield from _walk_dir(Path(de.path), rel, exclude)
         elif stat.S_ISREG(st.st_mode):
-            yield Found(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            yield Found(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
+                        nlink=st.st_nlink)
         # sockets, fifos and devices are never part of a snapshot
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from .progress import Progress
 
 RESTORING_MARKER = "restoring"
 RESTORED_INFO = "restored.json"
-WORKERS = 4
+WORKERS = min(4, os.cpu_count() or 2)
 
 
 @dataclass
@@ -188,19 +189,23 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
     cache = scan.StatCache(spec.path).load()
     found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
     root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
+    claimed: set[str] = set()       # digests some worker is compressing already
+    claim_lock = threading.Lock()
 
     def digest_of(f: scan.Found):
-        """Runs in a worker: (digest, compressed-or-None)."""
+        """Runs in a worker: (digest, compressed-or-None, hashed)."""
         path = spec.path / f.rel
         digest = cache.digest_for(f)
         if digest is not None and (digest in known or digest in blobs):
             return digest, None, False
         data, digest = scan.read_and_hash(path)
-        if digest in known:
-            return digest, None, True
+        with claim_lock:
+            if digest in known or digest in claimed:
+                return digest, None, True
+            claimed.add(digest)
         return digest, repo.compress(data), True
 
-    files = [f for f in found if f.type == "f"]
+    files, hard_links = _split_hard_links(found)
     results = pool.map(_guard(digest_of), files)
     digests: dict[str, str] = {}
     for f, (digest, compressed, hashed) in zip(files, results):
@@ -214,7 +219,7 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
             cache.remember(f, digest)
         if digest in known:
             blobs[digest] = known[digest]
-        elif digest not in blobs:
+        elif digest not in blobs and (compressed is not None or digest not in claimed):
             if compressed is None:
                 data, digest2 = scan.read_and_hash(spec.path / f.rel)
                 compressed = repo.compress(data) if digest2 == digest else None
@@ -228,7 +233,10 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
         bar.advance(f.size)
         faults.point("save.file")
     for f in found:
-        if f.type == "f":
+        if f.type == "f" and f.rel in hard_links:
+            if hard_links[f.rel] in digests:
+                root.entries.append(mf.Entry(f.rel, "h", f.mode, f.size, f.mtime_ns, hard_links[f.rel]))
+        elif f.type == "f":
             if f.rel in digests:
                 root.entries.append(mf.Entry(f.rel, "f", f.mode, f.size, f.mtime_ns, digests[f.rel]))
         elif f.type == "d":
@@ -237,6 +245,26 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
             root.entries.append(mf.Entry(f.rel, "l", 0o777, 0, f.mtime_ns, f.link))
     cache.save()
     return root
+
+
+def _split_hard_links(found: list[scan.Found]) -> tuple[list[scan.Found], dict[str, str]]:
+    """Files to read, and {path: first path} for the other names of multiply-linked files.
+
+    Cargo hard-links uplifted artifacts; keeping the links halves what restore writes
+    and keeps the next build from re-linking (which would defeat the stat cache).
+    """
+    first_by_inode: dict[int, str] = {}
+    files, links = [], {}
+    for f in found:
+        if f.type != "f":
+            continue
+        if f.nlink > 1 and not cargo_layout.is_fingerprint_path(f.rel):
+            first = first_by_inode.setdefault(f.ino, f.rel)
+            if first != f.rel:
+                links[f.rel] = first
+                continue
+        files.append(f)
+    return files, links
 
 
 def _guard(fn):
@@ -360,8 +388,13 @@ def _merge_subtrees(root: mf.Root) -> list[str]:
 def _plan_root(path: Path, root: mf.Root, subtrees, exclude) -> RestorePlan:
     plan = RestorePlan(spec_path=path, root=root)
     existing = {f.rel: f for f in scan.walk(path, subtrees, exclude)} if path.is_dir() else {}
+    on_disk = dict(existing)
     cache = scan.StatCache(path).load()
+    links = []
     for e in root.entries:
+        if e.type == "h":
+            links.append(e)
+            continue
         have = existing.pop(e.path, None)
         if have is None:
             plan.write.append(e)
@@ -380,6 +413,16 @@ def _plan_root(path: Path, root: mf.Root, subtrees, exclude) -> RestorePlan:
             plan.unchanged += 1
             if e.type != "l" and (have.mtime_ns != e.mtime_ns or have.mode != e.mode):
                 plan.fix_meta.append((e, have))
+    rewritten = {e.path for e in plan.write}
+    for e in links:
+        have, first = existing.pop(e.path, None), on_disk.get(e.digest)
+        if have is not None and have.type == "f" and first is not None and have.ino == first.ino \
+                and e.digest not in rewritten:
+            plan.unchanged += 1
+            continue
+        if have is not None and have.type != "f":
+            plan.remove.append(have)  # a regular file is replaced by the link atomically
+        plan.write.append(e)
     if not root.merge:
         plan.remove.extend(existing.values())
     return plan
@@ -402,7 +445,7 @@ def _same_content(root_path: Path, e: mf.Entry, have: scan.Found, cache, merge: 
 def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -> None:
     root = plan.spec_path
     root.mkdir(parents=True, exist_ok=True)
-    fp = cargo_layout.is_fingerprint_path
+    fp = _written_last
     trusted = _trusted_depth(plan)
     # 1. invalidate: fingerprint files that will change or go away are removed first
     for e in plan.write:
@@ -424,7 +467,11 @@ def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -
             _inside(root, e.path, trusted).mkdir(parents=True, exist_ok=True)
     _write_files(store, m, root, [e for e in plan.write if e.type == "f" and not fp(e.path)], stats, bar, trusted)
     for e in plan.write:
-        if e.type == "l":
+        if e.type == "h":
+            _link_atomic(root / e.digest, _inside(root, e.path, trusted))
+            stats.files_written += 1
+            faults.point("restore.link")
+        elif e.type == "l":
             dest = _inside(root, e.path, trusted)
             dest.parent.mkdir(parents=True, exist_ok=True)
             _remove_path(dest)
@@ -439,9 +486,9 @@ def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -
 
 
 def _apply_last(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -> None:
-    """After sources are normalized: fingerprint files, then directory mtimes."""
+    """After sources are normalized: fingerprint files (and git checkouts' .cargo-ok), then dir mtimes."""
     root = plan.spec_path
-    fp = cargo_layout.is_fingerprint_path
+    fp = _written_last
     _write_files(store, m, root, [e for e in plan.write if e.type == "f" and fp(e.path)], stats, bar,
                  _trusted_depth(plan))
     # 4. directory mtimes last: creating entries above changed them
@@ -465,6 +512,12 @@ def _set_meta(path: Path, e: mf.Entry, have: scan.Found) -> None:
         os.chmod(path, e.mode)
     if have.mtime_ns != e.mtime_ns:
         os.utime(path, ns=(time.time_ns(), e.mtime_ns))
+
+
+def _written_last(rel: str) -> bool:
+    """Files that vouch for others: cargo fingerprints, and the `.cargo-ok` cargo trusts a git
+    checkout by. They are removed first when they change and written after everything else."""
+    return cargo_layout.is_fingerprint_path(rel) or rel.endswith("/.cargo-ok")
 
 
 def _trusted_depth(plan: RestorePlan) -> int:
@@ -507,10 +560,14 @@ def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], sta
     for e in entries:
         by_pack.setdefault(m.blobs[e.digest][0], []).append(e)
 
+    # each parent dir is checked (no symlink on the way out of the root) and created once
+    for parent in sorted({e.path.rsplit("/", 1)[0] for e in entries if "/" in e.path}):
+        _inside(root, parent + "/-", trusted).parent.mkdir(parents=True, exist_ok=True)
+
     def restore_pack(item):
         pack_id, pack_entries = item
         for e, data in _pack_blobs(store, m, pack_id, pack_entries):
-            _write_atomic(_inside(root, e.path, trusted), data, e)
+            _write_atomic(root / e.path, data, e)
             faults.point("restore.write")
         return pack_entries
 
@@ -544,7 +601,7 @@ def _pack_blobs(store, m: mf.Manifest, pack_id: str, entries: list[mf.Entry]):
 
 
 def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Write data to a temp file beside dest (parent dir must exist), then rename it over dest."""
     tmp = dest.parent / f".{dest.name}.rsnap-tmp"
     try:
         _remove_path(tmp)  # left over by an interrupted restore (or a planted symlink/fifo)
@@ -560,9 +617,11 @@ def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
             raise OSError(err.errno, err.strerror, str(dest)) from None
         finally:
             os.close(fd)
-        if dest.is_dir() and not dest.is_symlink():
+        try:
+            os.replace(tmp, dest)
+        except IsADirectoryError:
             shutil.rmtree(dest)
-        os.replace(tmp, dest)
+            os.replace(tmp, dest)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -571,15 +630,29 @@ def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
         raise
 
 
+def _link_atomic(first: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.rsnap-tmp"
+    _remove_path(tmp)
+    os.link(first, tmp, follow_symlinks=False)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove_path(tmp)
+        raise
+
+
 def _remember_restored(plan: RestorePlan) -> None:
     """Record restored files in the stat cache so the next save need not re-hash them."""
     cache = scan.StatCache(plan.spec_path)
     if plan.root.merge:
         cache.load()
+    digests = {e.path: e.digest for e in plan.root.entries if e.type == "f"}
     for e in plan.root.entries:
-        if e.type == "f":
+        digest = digests.get(e.digest) if e.type == "h" else digests.get(e.path)
+        if digest is not None:
             try:
-                cache.remember_path(e.path, plan.spec_path / e.path, e.digest)
+                cache.remember_path(e.path, plan.spec_path / e.path, digest)
             except OSError:
                 pass
     cache.save()
