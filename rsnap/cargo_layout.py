@@ -125,46 +125,20 @@ def is_cargo_home_excluded(rel: str) -> bool:
 
 # ---------------------------------------------------------------- dep-info & build outputs
 
+_DEP_WORD = re.compile(r"(?:\\ |[^ ])+")
+
+
 def parse_makefile_depinfo(text: str) -> list[str]:
     """Dependency paths of a rustc `.d` file (Makefile syntax, `\\ ` escapes spaces)."""
-    paths: list[str] = []
+    paths: set[str] = set()
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        colon = _unescaped_colon(line)
+        colon = line.find(": ")
         if colon < 0:
-            continue
-        deps = line[colon + 1:]
-        paths.extend(_split_escaped(deps))
-    return paths
-
-
-def _unescaped_colon(line: str) -> int:
-    # A target path may contain ':' only on Windows drive letters; rsnap runs on unix.
-    i = line.find(": ")
-    if i < 0 and line.endswith(":"):
-        return len(line) - 1
-    return i
-
-
-def _split_escaped(s: str) -> list[str]:
-    out, cur, i = [], [], 0
-    while i < len(s):
-        c = s[i]
-        if c == "\\" and i + 1 < len(s) and s[i + 1] == " ":
-            cur.append(" ")
-            i += 2
-            continue
-        if c == " ":
-            if cur:
-                out.append("".join(cur))
-                cur = []
-        else:
-            cur.append(c)
-        i += 1
-    if cur:
-        out.append("".join(cur))
-    return out
+            continue  # "path:" lines (no dependencies) and anything else
+        paths.update(w.replace("\\ ", " ") for w in _DEP_WORD.findall(line, colon + 2))
+    return sorted(paths)
 
 
 _RERUN = re.compile(r"^cargo::?rerun-if-changed=(.*)$")

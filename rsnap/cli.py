@@ -176,6 +176,18 @@ def _max_size(ws, option: Optional[str]) -> Optional[int]:
 
 
 @app.command()
+def stats(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
+          zero: bool = typer.Option(False, "--zero", help="Reset the counters after showing them.")):
+    """Compile-cache statistics of the rsnap-rustc wrapper: requests, hits, misses, reasons, bytes, time saved."""
+    from . import wrapper_stats
+    data = wrapper_stats.show_stats(store, as_json=as_json, zero=zero)
+    if as_json:
+        print(json.dumps(data, sort_keys=True))
+    else:
+        print(wrapper_stats.format_stats(data))
+
+
+@app.command()
 def key(manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt):
     """Print the default snapshot key and the inputs it was derived from."""
     ws = discover(manifest_path)

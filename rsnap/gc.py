@@ -77,7 +77,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import usage
+from . import keys, usage
 from .cargo_layout import EXCLUDED_TARGET_NAMES, RSNAP_DIR
 from .errors import RsnapError, EXIT_LOCKED
 
@@ -162,12 +162,11 @@ def cargo_short_hash_str(s: str) -> str:
 def current_rustc_values(ws) -> dict[int, str]:
     """rustc hash values cargo would record now: `rustc -vV` here and the target's .rustc_info.json."""
     found: dict[int, str] = {}
-    rustc = os.environ.get("RUSTC") or "rustc"
     try:
-        proc = subprocess.run([rustc, "-vV"], cwd=ws.root, capture_output=True, text=True, timeout=120)
-        if proc.returncode == 0 and proc.stdout.startswith("rustc "):
-            found[cargo_hash_str(proc.stdout)] = "rustc -vV"
-    except (OSError, subprocess.SubprocessError):
+        text = keys.rustc_version(str(ws.root))
+        if text.startswith("rustc "):
+            found[cargo_hash_str(text)] = "rustc -vV"
+    except RsnapError:
         pass
     for root in usage.roots(ws):
         for name in (".rustc_info.json", ".rustc-info.json"):

@@ -7,6 +7,7 @@ for crates embedding CARGO_MANIFEST_DIR, be stale).
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -40,13 +41,16 @@ def _h(data: bytes | str, n: int) -> str:
     return xxhash.xxh3_128_hexdigest(data)[:n]
 
 
-def rustc_version() -> str:
+@functools.lru_cache(maxsize=None)
+def rustc_version(cwd: str | None = None) -> str:
+    """`rustc -vV` as cargo would run it (honours RUSTC and rustup overrides in `cwd`)."""
+    rustc = os.environ.get("RUSTC") or "rustc"
     try:
-        proc = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([rustc, "-vV"], cwd=cwd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
-        raise RsnapError("rustc was not found on PATH", EXIT_WORKSPACE) from None
+        raise RsnapError(f"{rustc} was not found on PATH", EXIT_WORKSPACE) from None
     if proc.returncode != 0:
-        raise RsnapError(f"rustc -vV failed: {proc.stderr.strip()[:200]}", EXIT_WORKSPACE)
+        raise RsnapError(f"{rustc} -vV failed: {proc.stderr.strip()[:200]}", EXIT_WORKSPACE)
     return proc.stdout
 
 
@@ -78,7 +82,7 @@ def build_env() -> dict[str, str]:
 
 
 def key_inputs(ws) -> dict:
-    rustc = rustc_version()
+    rustc = rustc_version(str(ws.root))
     host = next((l.split(":", 1)[1].strip() for l in rustc.splitlines() if l.startswith("host:")), "unknown")
     inputs = {
         "key_format": KEY_FORMAT,

@@ -13,7 +13,6 @@ decision after restore equals its decision on the saving machine: never stale.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,7 @@ def source_dirs(ws) -> list[Path]:
 def extra_input_paths(ws) -> list[Path]:
     """dep-info and rerun-if-changed paths outside the path packages, $CARGO_HOME and the sysroot."""
     covered = source_dirs(ws)
-    skip_under = [ws.cargo_home, _sysroot(), ws.target_dir, ws.build_dir]
+    skip_under = [ws.cargo_home, ws.target_dir, ws.build_dir]
     found: set[Path] = set()
     for tree in {ws.target_dir, ws.build_dir}:
         for d in cargo_layout.iter_depinfo_files(tree):
@@ -111,14 +110,6 @@ def extra_input_paths(ws) -> list[Path]:
                   if not any(p.is_relative_to(c) for c in covered)
                   and not any(s and p.is_relative_to(s) for s in skip_under)
                   and p.exists())
-
-
-def _sysroot() -> Path | None:
-    try:
-        out = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True, timeout=60)
-        return Path(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def record_sources(ws) -> tuple[list[list], list[str]]:

@@ -86,6 +86,39 @@ def compress(data: bytes) -> bytes:
     return cctx.compress(data)
 
 
+def write_blob(frame, fd: int, digest: str, size: int, where: str) -> None:
+    """Decompress one blob's frame into fd in 1 MiB steps (no blob-sized buffers), verifying
+    its size and content hash; raise StoreError (after a partial write) if it is corrupt."""
+    try:
+        if zstandard.frame_content_size(frame) != size:
+            raise StoreError(f"blob {digest} in {where} is corrupt (wrong frame size)")
+        dctx, buf = _stream_state()
+        h, view, written = xxhash.xxh3_128(), memoryview(buf), 0
+        with dctx.stream_reader(frame, read_across_frames=False) as reader:
+            while n := reader.readinto(buf):
+                written += n
+                if written > size:
+                    break
+                h.update(view[:n])
+                _write_all(fd, view[:n])
+    except zstandard.ZstdError:
+        raise StoreError(f"blob {digest} in {where} is corrupt") from None
+    if written != size or h.hexdigest() != digest:
+        raise StoreError(f"blob {digest} in {where} is corrupt (content hash mismatch)")
+
+
+def _stream_state():
+    state = getattr(_local, "dstate", None)
+    if state is None:
+        state = _local.dstate = (zstandard.ZstdDecompressor(), bytearray(1 << 20))
+    return state
+
+
+def _write_all(fd: int, view) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def read_blob(store, loc: list, digest: str, pack_cache: dict | None = None) -> bytes:
     """Fetch, decompress and verify one blob."""
     pack_id, off, clen, size = loc

@@ -632,13 +632,13 @@ def compile_cached(inv: Invocation) -> int:
     return compile_and_store(store, store_url, prep, counts)
 
 
-def pass_through(store_url: str, inv: Invocation, reason: str) -> "NoReturn":  # noqa: F821
+def pass_through(store_url: str, inv: Invocation, reason: str) -> None:  # never returns: execs rustc
     wrapper_stats.update(store_url, {"requests": 1, "non_cacheable": 1}, ("non_cacheable_reasons", reason))
     log_event("pass", inv, reason)
     exec_rustc(inv.rustc, inv.args)
 
 
-def store_error(store_url: str, inv: Invocation) -> "NoReturn":  # noqa: F821
+def store_error(store_url: str, inv: Invocation) -> None:  # never returns: execs rustc
     wrapper_stats.update(store_url, {"requests": 1, "errors_store": 1})
     log_event("store-error", inv)
     exec_rustc(inv.rustc, inv.args)

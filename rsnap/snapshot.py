@@ -31,7 +31,7 @@ from .progress import Progress
 
 RESTORING_MARKER = "restoring"
 RESTORED_INFO = "restored.json"
-WORKERS = min(4, os.cpu_count() or 2)
+WORKERS = min(8, os.cpu_count() or 2)
 
 
 @dataclass
@@ -206,7 +206,11 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
         return digest, repo.compress(data), True
 
     files, hard_links = _split_hard_links(found)
-    results = pool.map(_guard(digest_of), files)
+    # unchanged files whose content the store has need no worker (most of a save after a small change)
+    cached = [cache.digest_for(f) for f in files]
+    quick = {f.rel: d for f, d in zip(files, cached) if d is not None and d in known}
+    slow = iter(pool.map(_guard(digest_of), [f for f in files if f.rel not in quick]))
+    results = ((quick[f.rel], None, False) if f.rel in quick else next(slow) for f in files)
     digests: dict[str, str] = {}
     for f, (digest, compressed, hashed) in zip(files, results):
         if digest is None:
@@ -566,8 +570,8 @@ def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], sta
 
     def restore_pack(item):
         pack_id, pack_entries = item
-        for e, data in _pack_blobs(store, m, pack_id, pack_entries):
-            _write_atomic(root / e.path, data, e)
+        for e, frame in _pack_frames(store, m, pack_id, pack_entries):
+            _write_atomic(root / e.path, frame, e, pack_id)
             faults.point("restore.write")
         return pack_entries
 
@@ -579,38 +583,32 @@ def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], sta
                 bar.advance(e.size)
 
 
-def _pack_blobs(store, m: mf.Manifest, pack_id: str, entries: list[mf.Entry]):
+def _pack_frames(store, m: mf.Manifest, pack_id: str, entries: list[mf.Entry]):
+    """(entry, compressed frame) for entries whose blobs live in one pack; nearby blobs are
+    fetched with one coalesced read."""
     locs = sorted({m.blobs[e.digest][1]: m.blobs[e.digest] for e in entries}.values(), key=lambda l: l[1])
     needed = sum(l[2] for l in locs)
     start, end = locs[0][1], max(l[1] + l[2] for l in locs)
+    name = repo.pack_name(pack_id)
     if end - start <= 2 * needed + (1 << 20):
-        span = store.get_range(repo.pack_name(pack_id), start, end - start)
-        data_by_digest = {}
+        span = memoryview(store.get_range(name, start, end - start))
         for e in entries:
-            loc = m.blobs[e.digest]
-            if e.digest not in data_by_digest:
-                rel = [pack_id, loc[1] - start, loc[2], loc[3]]
-                data_by_digest[e.digest] = repo.read_blob(store, rel, e.digest, {pack_id: span})
-            yield e, data_by_digest[e.digest]
+            _pack, off, clen, _size = m.blobs[e.digest]
+            yield e, span[off - start:off - start + clen]
         return
-    data_by_digest = {}
     for e in entries:
-        if e.digest not in data_by_digest:
-            data_by_digest[e.digest] = repo.read_blob(store, m.blobs[e.digest], e.digest)
-        yield e, data_by_digest[e.digest]
+        _pack, off, clen, _size = m.blobs[e.digest]
+        yield e, store.get_range(name, off, clen)
 
 
-def _write_atomic(dest: Path, data: bytes, e: mf.Entry) -> None:
-    """Write data to a temp file beside dest (parent dir must exist), then rename it over dest."""
+def _write_atomic(dest: Path, frame, e: mf.Entry, pack_id: str) -> None:
+    """Decompress a blob into a temp file beside dest (parent dir must exist), rename it over dest."""
     tmp = dest.parent / f".{dest.name}.rsnap-tmp"
     try:
         _remove_path(tmp)  # left over by an interrupted restore (or a planted symlink/fifo)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            repo.write_blob(frame, fd, e.digest, e.size, f"pack {pack_id}")
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(time.time_ns(), e.mtime_ns))
         except OSError as err:

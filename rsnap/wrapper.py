@@ -191,7 +191,7 @@ def log_event(result: str, inv: Invocation | None, detail: str = "") -> None:
         pass
 
 
-def passthrough(inv: Invocation, table: str, reason: str) -> "NoReturn":  # noqa: F821
+def passthrough(inv: Invocation, table: str, reason: str) -> None:  # never returns: execs rustc
     from . import wrapper_stats
 
     counter = "non_compilation" if table == "non_compilation_reasons" else "non_cacheable"
@@ -200,7 +200,7 @@ def passthrough(inv: Invocation, table: str, reason: str) -> "NoReturn":  # noqa
     exec_rustc(inv.rustc, inv.args)
 
 
-def exec_rustc(rustc: str, args: list[str]) -> "NoReturn":  # noqa: F821
+def exec_rustc(rustc: str, args: list[str]) -> None:  # never returns: execs rustc
     sys.stdout.flush()
     sys.stderr.flush()
     try:
