@@ -34,14 +34,18 @@ def lay(ws, target: Path | None = None) -> cargo_layout.Workspace:
                                   manifest_path=ws.root / "Cargo.toml")
 
 
-def tree_bytes(path: Path) -> int:
-    total = 0
+def tree_bytes(path: Path, distinct: bool = False) -> int:
+    """Bytes of the files below path; `distinct`: hard links counted once, as snapshots store them."""
+    total, seen = 0, set()
     for dirpath, dirs, files in os.walk(path):
         if cargo_layout.RSNAP_DIR in dirs:
             dirs.remove(cargo_layout.RSNAP_DIR)
         for fn in files:
             if fn not in cargo_layout.EXCLUDED_TARGET_NAMES:
-                total += os.lstat(os.path.join(dirpath, fn)).st_size
+                st = os.lstat(os.path.join(dirpath, fn))
+                if not distinct or st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += st.st_size
     return total
 
 
@@ -523,7 +527,7 @@ def clean_target_bytes(ws, commands, scratch: Path) -> int:
     env = {**ws.env, "CARGO_TARGET_DIR": str(scratch)}
     for cmd in commands:
         run_cargo_json(ws.root, env, *cmd).check()
-    size = tree_bytes(scratch)
+    size = tree_bytes(scratch, distinct=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return size
 
