@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from .cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path
+from .cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
 from .errors import FormatError
 
 FORMAT_VERSION = 1
@@ -168,6 +168,9 @@ def _check_tree(root: str, entries: list[Entry]) -> None:
     for e in entries:
         if e.type == HARDLINK:
             _require(types.get(e.digest) == FILE, f"hard link {e.path} does not point to a file of root {root}")
+            # restore links before fingerprints are written: a link must never be one (save never makes one)
+            _require(not is_fingerprint_path(e.path) and not e.path.endswith("/.cargo-ok"),
+                     f"hard link {e.path} in place of a fingerprint")
     for path in types:
         parent = path
         while "/" in parent:

@@ -12,7 +12,7 @@ import posixpath
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rsnap import manifest as mf
 from rsnap import repo
@@ -85,13 +85,15 @@ def _check_invariants(m: mf.Manifest) -> None:
         for e in r.entries:
             assert e.path and not e.path.startswith("/") and posixpath.normpath(e.path) == e.path
             assert ".." not in e.path.split("/") and "\x00" not in e.path
-            assert e.type in ("f", "d", "l") and 0 <= e.mode <= 0o777
+            assert e.type in ("f", "d", "l", "h") and 0 <= e.mode <= 0o777
             parent = posixpath.dirname(e.path)
             while parent:
                 assert parent not in paths or paths[parent].type == "d"
                 parent = posixpath.dirname(parent)
             if e.type == "f":
                 assert m.blobs[e.digest][3] == e.size
+            if e.type == "h":
+                assert paths[e.digest].type == "f"
             if e.type == "l":
                 target = posixpath.normpath(posixpath.join(posixpath.dirname(e.path), e.digest))
                 assert not target.startswith("/") and target != ".." and not target.startswith("../")
@@ -154,7 +156,7 @@ def test_loads_mutated_manifest(mutations):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["target", "cargo_home"]), PATHS, st.sampled_from(["f", "d", "l", "c", "p"]),
+@given(st.lists(st.tuples(st.sampled_from(["target", "cargo_home"]), PATHS, st.sampled_from(["f", "d", "l", "h", "c", "p"]),
                           PATHS), min_size=1, max_size=5))
 def test_loads_added_entries(added):
     """Extra entries with hostile paths, types and link targets."""
@@ -162,7 +164,7 @@ def test_loads_added_entries(added):
     for root, path, typ, target in added:
         r = next(r for r in doc["roots"] if r["name"] == root)
         r["entries"].append([path, typ, 0o644, 10 if typ == "f" else 0, 1,
-                             BLOB_A if typ == "f" else (target if typ == "l" else "")])
+                             BLOB_A if typ == "f" else (target if typ in ("l", "h") else "")])
     _loads(encode(doc))
 
 
