@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__, gc, keys, repo, snapshot, usage
+from . import __version__, keys, repo, snapshot
 from .cargo_layout import discover, RSNAP_DIR
 from .errors import RsnapError, StoreError, EXIT_USAGE, EXIT_NOSPACE
 from .progress import human_bytes
@@ -113,6 +113,7 @@ def save(
     keep_cargo_home: bool = KeepHomeOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
     """Garbage-collect, then save the target dir and CARGO_HOME caches; only new content is written."""
+    from . import gc
     ws = discover(manifest_path, with_deps=True)
     cap = _max_size(ws, max_size)
     k, inputs = _key_and_inputs(ws, key)
@@ -140,6 +141,7 @@ def gc_command(
     as_json: bool = JsonOpt,
 ):
     """Remove stale units, old incremental sessions and unreferenced CARGO_HOME downloads."""
+    from . import gc
     ws = discover(manifest_path)
     report = gc.collect(ws, dry_run=dry_run, max_size=_max_size(ws, max_size), cargo_home=not keep_cargo_home)
     if as_json:
@@ -155,6 +157,7 @@ def cargo_command(ctx: typer.Context):
     manifest = next((a.split("=", 1)[1] for a in args if a.startswith("--manifest-path=")), None)
     if manifest is None and "--manifest-path" in args[:-1]:
         manifest = args[args.index("--manifest-path") + 1]
+    from . import usage
     raise typer.Exit(usage.run_cargo(args, discover(manifest)))
 
 
@@ -169,6 +172,7 @@ def _max_size(ws, option: Optional[str]) -> Optional[int]:
             text = None
     if text is None:
         return None
+    from . import gc
     try:
         return gc.parse_size(str(text))
     except ValueError as e:

@@ -605,8 +605,12 @@ def _write_atomic(dest: Path, frame, e: mf.Entry, pack_id: str) -> None:
     """Decompress a blob into a temp file beside dest (parent dir must exist), rename it over dest."""
     tmp = dest.parent / f".{dest.name}.rsnap-tmp"
     try:
-        _remove_path(tmp)  # left over by an interrupted restore (or a planted symlink/fifo)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left over by an interrupted restore (or a planted symlink/fifo)
+            _remove_path(tmp)
+            fd = os.open(tmp, flags, 0o600)
         try:
             repo.write_blob(frame, fd, e.digest, e.size, f"pack {pack_id}")
             os.fchmod(fd, e.mode)
