@@ -97,13 +97,16 @@ def cargo_locks(paths: list[Path], exclusive: bool):
     """Hold cargo's flocks on all `paths`, waiting (like cargo does) while a cargo process holds
     one. All or nothing: nothing is held while waiting, so there is no lock-order deadlock."""
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    fds = []
+    fds, held = [], []
     try:
         for p in paths:
             try:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 fds.append(os.open(p, os.O_RDWR | os.O_CREAT, 0o644))
+                held.append(p)
             except OSError as e:
+                if not exclusive and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    continue  # a read-only dir: nobody can be writing there, reading needs no lock
                 raise _os_error(f"locking {p}", e) from None
         announced = False
         while True:
@@ -119,7 +122,7 @@ def cargo_locks(paths: list[Path], exclusive: bool):
             for fd in fds[:busy]:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             if not announced:
-                print(f"rsnap: waiting for the lock on {paths[busy]} (held by cargo or rsnap)", file=sys.stderr)
+                print(f"rsnap: waiting for the lock on {held[busy]} (held by cargo or rsnap)", file=sys.stderr)
                 announced = True
             fcntl.flock(fds[busy], mode)
             fcntl.flock(fds[busy], fcntl.LOCK_UN)
@@ -158,7 +161,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started) -> dict:
     roots = []
     blobs: dict[str, list] = {}
     bar = Progress("rsnap save", enabled=progress)
-    locks = cargo_lock_files(ws) + [ws.cargo_home / ".package-cache"]
+    locks = cargo_lock_files(ws) + ([ws.cargo_home / ".package-cache"] if ws.cargo_home.is_dir() else [])
     with cargo_locks(locks, exclusive=False), ThreadPoolExecutor(max_workers=WORKERS) as pool:
         for spec in root_specs(ws):
             root = _save_root(spec, pool, known, writer, blobs, stats, bar)
