@@ -4,6 +4,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/rsnap-demo.XXXXXX")
 export RSNAP_STORE="$work/store"
+export CARGO_HOME="$work/cargo-home"   # the demo never touches your own ~/.cargo
 git_q() { git -c user.name=rsnap-demo -c user.email=demo@rsnap.invalid "$@"; }
 
 cp -r "$here/hello" "$work/origin"

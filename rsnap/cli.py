@@ -102,8 +102,10 @@ NoGcOpt = typer.Option(False, "--no-gc", help="Skip garbage collection before sa
 MaxSizeOpt = typer.Option(None, "--max-size", envvar="RSNAP_MAX_SIZE",
                           help="Size cap for target + build dirs (e.g. 2G); least recently used units go first. "
                                "Also [workspace.metadata.rsnap] max-size in Cargo.toml.")
-KeepHomeOpt = typer.Option(False, "--keep-cargo-home",
-                           help="Do not prune $CARGO_HOME (shared by several projects on a persistent runner).")
+KeepHomeOpt = typer.Option(False, "--keep-cargo-home", envvar="RSNAP_KEEP_CARGO_HOME",
+                           help="Do not delete unreferenced downloads from $CARGO_HOME on disk (a CARGO_HOME shared "
+                                "by several projects, e.g. ~/.cargo on a persistent runner or a laptop); the "
+                                "snapshot still leaves them out.")
 
 
 @app.command()
@@ -123,8 +125,11 @@ def save(
             raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
                              "(or delete the target dir) before saving", EXIT_USAGE)
         gc_report = gc.before_save(ws, enabled=not no_gc, max_size=cap, cargo_home=not keep_cargo_home)
+        # a CARGO_HOME left unpruned on disk is still pruned in the snapshot
+        excluded = frozenset(gc.collect_cargo_home(ws, dry_run=True).get("unreferenced", [])) \
+            if keep_cargo_home and not no_gc else frozenset()
         out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
-                            progress=None if not (as_json or quiet) else False)
+                            progress=None if not (as_json or quiet) else False, home_excluded=excluded)
         snapshot.arm_usage(ws)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")

@@ -1007,6 +1007,7 @@ def collect_cargo_home(ws, *, dry_run: bool = False, epoch_ns: int | None = None
             elif rev_dir.is_dir(follow_symlinks=False):
                 plan.append((Path(rev_dir.path), "git_checkout", co.name, rev_dir.name))
                 rep.remove("cargo-home-unreferenced", b)
+    result["unreferenced"] = sorted(p.relative_to(home).as_posix() for p, *_ in plan)
     if not dry_run:
         _Deleter([home], dry_run=False).empty_trash()   # leftovers of an interrupted GC
     if not dry_run and plan:

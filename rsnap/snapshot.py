@@ -43,12 +43,16 @@ class RootSpec:
     merge: bool
 
 
-def root_specs(ws) -> list[RootSpec]:
+def root_specs(ws, home_excluded: frozenset[str] = frozenset()) -> list[RootSpec]:
+    """`home_excluded`: $CARGO_HOME paths (and everything below them) kept out of the snapshot."""
     specs = [RootSpec("target", ws.target_dir, [""], cargo_layout.is_excluded_target_path, False)]
     if ws.build_dir != ws.target_dir and not ws.build_dir.is_relative_to(ws.target_dir):
         specs.append(RootSpec("build", ws.build_dir, [""], cargo_layout.is_excluded_target_path, False))
-    specs.append(RootSpec("cargo_home", ws.cargo_home, list(cargo_layout.CARGO_HOME_TREES),
-                          cargo_layout.is_cargo_home_excluded, True))
+
+    def home_exclude(rel: str) -> bool:
+        return cargo_layout.is_cargo_home_excluded(rel) or rel in home_excluded
+
+    specs.append(RootSpec("cargo_home", ws.cargo_home, list(cargo_layout.CARGO_HOME_TREES), home_exclude, True))
     return specs
 
 
@@ -145,16 +149,17 @@ class SaveStats:
     packs_written: int = 0
 
 
-def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bool | None = None) -> dict:
+def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bool | None = None,
+         home_excluded: frozenset[str] = frozenset()) -> dict:
     started = time.monotonic()
     if not ws.target_dir.is_dir():
         raise RsnapError(f"target dir {ws.target_dir} does not exist: build before saving", EXIT_WORKSPACE)
     lock = store.lock(exclusive=False) if hasattr(store, "lock") else contextlib.nullcontext()
     with lock:
-        return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started)
+        return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded)
 
 
-def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started) -> dict:
+def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded) -> dict:
     known = repo.known_blobs(store, repo.recent_manifests(store, dedupe_prefix))
     writer = repo.PackWriter(store)
     stats = SaveStats()
@@ -163,7 +168,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started) -> dict:
     bar = Progress("rsnap save", enabled=progress)
     locks = cargo_lock_files(ws) + ([ws.cargo_home / ".package-cache"] if ws.cargo_home.is_dir() else [])
     with cargo_locks(locks, exclusive=False), ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for spec in root_specs(ws):
+        for spec in root_specs(ws, home_excluded):
             root = _save_root(spec, pool, known, writer, blobs, stats, bar)
             if root is not None:
                 roots.append(root)

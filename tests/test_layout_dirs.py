@@ -43,3 +43,22 @@ def test_key_reports_its_inputs_and_changes_with_rustflags(built_workspace, tmp_
     assert flagged["inputs"]["env"]["RUSTFLAGS"] == "-Cdebug-assertions=off"
     assert flagged["key"] != plain["key"]
     assert flagged["restore_prefix"] == plain["restore_prefix"]
+
+
+def test_keep_cargo_home_leaves_disk_alone_but_prunes_the_snapshot(make_workspace, tmp_path):
+    from rsnap import repo
+    from rsnap.store import open_store
+    ws = make_workspace()
+    ws.build("build")
+    ws.cargo("update", "-p", "regdep", "--precise", "1.0.1")
+    ws.build("build")
+    old = list(ws.cargo_home.glob("registry/cache/*/regdep-1.0.0.crate"))
+    assert old, "cargo downloaded regdep 1.0.0 first"
+    store = tmp_path / "store"
+    saved = rsnap(ws, store, "save", "--json", "--keep-cargo-home").check().data
+    assert all(p.exists() for p in old), "--keep-cargo-home deleted a download"
+    m = repo.read_manifest(open_store(str(store)), saved["snapshot"])
+    names = {e.path.rsplit("/", 1)[-1] for e in m.root("cargo_home").entries}
+    assert "regdep-1.0.1.crate" in names and "regdep-1.0.0.crate" not in names
+    rsnap(ws, store, "save", "--json").check()
+    assert not any(p.exists() for p in old), "default save prunes unreferenced downloads"
