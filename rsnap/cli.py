@@ -300,7 +300,7 @@ def main() -> None:
         print(f"rsnap: error: {e}", file=sys.stderr)
         sys.exit(e.code)
     except OSError as e:
-        code = EXIT_NOSPACE if e.errno == errno.ENOSPC else 1
+        code = EXIT_NOSPACE if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 1
         print(f"rsnap: error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         sys.exit(code)
     except KeyboardInterrupt:

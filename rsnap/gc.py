@@ -624,6 +624,11 @@ def _decide_units(inv: Inventory, sig: usage.Signals, ws, roots: list[Path]) -> 
     log_ok = (sig.log_invocations > 0 and sig.log_failed == 0 and built_since <= resolved_log)
     sig.log = log_ok
     reliable = epoch is not None and (sig.atime or log_ok)
+    if reliable and not any(u.key in built_since or (sig.atime and u.used_ns >= epoch - usage.SLACK_NS)
+                            or (log_ok and u.key in resolved_log) for u in units):
+        # no build since the restore (e.g. `rsnap restore && rsnap save`, or a retried save):
+        # "unused" would mean everything, so nothing is known to be stale
+        reliable, sig.no_build_since_epoch = False, True
     for u in units:
         if u.key in built_since:
             u.current, u.reason = True, "built-since-restore"
@@ -1059,6 +1064,8 @@ def collect(ws, *, dry_run: bool = False, max_size: int | None = None, cargo_hom
         out["signal"] = sig.describe()
         out["signal"]["kind"] = ("+".join(k for k, on in (("atime", sig.atime), ("cargo-log", sig.log)) if on)
                                  or "none")
+        if sig.no_build_since_epoch:
+            out["signal"]["kind"] = "none (no build since restore)"
         removed_units = [u for u in inv.units.values() if not u.keep]
         # 1. fingerprints of every removed unit: from here on cargo sees them as dirty
         for u in removed_units:

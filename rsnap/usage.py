@@ -474,13 +474,15 @@ class Signals:
     log_invocations: int = 0
     log_failed: int = 0
     log: bool = False                    # the log is present and complete (decided by gc)
+    no_build_since_epoch: bool = False   # signals work, but nothing was built or used (decided by gc)
 
     def describe(self) -> dict:
         return {"epoch_ns": self.epoch_ns, "restored_ns": self.restored_ns, "armed_ns": self.armed_ns,
                 "atime": self.atime, "atime_detail": self.atime_detail,
                 "cargo_log": {"invocations": self.log_invocations, "failed": self.log_failed,
                               "units": len(self.log_units), "unresolved": len(self.log_unresolved),
-                              "trusted": self.log}}
+                              "trusted": self.log},
+                "no_build_since_epoch": self.no_build_since_epoch}
 
 
 def load_signals(ws) -> Signals:

@@ -237,3 +237,22 @@ def test_invalid_key_is_a_usage_error(saved):
     res = rsnap(ws, store, "save", "--key", "../../etc")
     assert res.returncode == 2
     one_line_error(res)
+
+
+def test_save_without_a_build_keeps_the_snapshot_whole(saved, tmp_path):
+    """`rsnap restore && rsnap save` (or a retried save) must not let GC call every unit unused."""
+    ws, pristine = saved
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    cold_runner(ws)
+    first = rsnap(ws, store, "restore", "--json").check().data
+    assert first["result"] == "exact"
+    again = [rsnap(ws, store, "save", "--json").check().data for _ in range(2)]
+    for out in again:
+        assert out["gc"]["removed"]["units"] == 0, out["gc"]["removed"]
+        assert out["gc"]["signal"]["kind"].startswith("none")
+    assert again[0]["files"] == again[1]["files"] > 300
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
