@@ -963,55 +963,39 @@ def collect_cargo_home(ws, *, dry_run: bool = False, epoch_ns: int | None = None
     git_idents = {g[0] for g in gits}
     git_segs = {g[1] for g in gits}
     plan: list[tuple[Path, str, str, str]] = []   # path, table, parent, name
+
+    def judge(entry, table: str, parent: str, referenced: bool, removable: bool) -> None:
+        """Keep what Cargo.lock references or cargo used since the epoch; plan to remove the rest."""
+        b = _tree_bytes(Path(entry.path))
+        if referenced:
+            rep.keep("referenced", b)
+        elif entry.name in recent[table]:
+            rep.keep("used-since-restore", b)
+        elif removable:
+            plan.append((Path(entry.path), table, parent, entry.name))
+            rep.remove("cargo-home-unreferenced", b)
+
     for reg in _scandir(home / "registry" / "cache"):
         for f in _scandir(Path(reg.path)):
-            name = f.name
-            stem = name[:-6] if name.endswith(".crate") else name
-            b = _tree_bytes(Path(f.path))
-            if stem in crates:
-                rep.keep("referenced", b)
-            elif name in recent["registry_crate"]:
-                rep.keep("used-since-restore", b)
-            elif name.endswith(".crate"):
-                plan.append((Path(f.path), "registry_crate", reg.name, name))
-                rep.remove("cargo-home-unreferenced", b)
+            stem = f.name[:-6] if f.name.endswith(".crate") else f.name
+            judge(f, "registry_crate", reg.name, stem in crates, f.name.endswith(".crate"))
     for reg in _scandir(home / "registry" / "src"):
         for d in _scandir(Path(reg.path)):
-            b = _tree_bytes(Path(d.path))
-            if d.name in crates:
-                rep.keep("referenced", b)
-            elif d.name in recent["registry_src"]:
-                rep.keep("used-since-restore", b)
-            elif d.is_dir(follow_symlinks=False):
-                plan.append((Path(d.path), "registry_src", reg.name, d.name))
-                rep.remove("cargo-home-unreferenced", b)
+            judge(d, "registry_src", reg.name, d.name in crates, d.is_dir(follow_symlinks=False))
     for db in _scandir(home / "git" / "db"):
-        b = _tree_bytes(Path(db.path))
         seg = db.name.rsplit("-", 1)[0]
         # exact ident; the last-segment fallback only if no exact match exists for that segment
         exact = db.name in git_idents
         fallback = seg in git_segs and not any(i.startswith(seg + "-") and (home / "git" / "db" / i).exists()
                                                 for i in git_idents)
-        if exact or fallback:
-            rep.keep("referenced", b)
-        elif db.name in recent["git_db"]:
-            rep.keep("used-since-restore", b)
-        elif db.is_dir(follow_symlinks=False):
-            plan.append((Path(db.path), "git_db", "", db.name))
-            rep.remove("cargo-home-unreferenced", b)
+        judge(db, "git_db", "", exact or fallback, db.is_dir(follow_symlinks=False))
     for co in _scandir(home / "git" / "checkouts"):
         seg = co.name.rsplit("-", 1)[0]
         revs = [g[2] for g in gits if g[0] == co.name or (g[1] == seg and co.name not in git_idents
                                                            and not (home / "git" / "checkouts" / g[0]).exists())]
         for rev_dir in _scandir(Path(co.path)):
-            b = _tree_bytes(Path(rev_dir.path))
-            if any(r.startswith(rev_dir.name) for r in revs):
-                rep.keep("referenced", b)
-            elif rev_dir.name in recent["git_checkout"]:
-                rep.keep("used-since-restore", b)
-            elif rev_dir.is_dir(follow_symlinks=False):
-                plan.append((Path(rev_dir.path), "git_checkout", co.name, rev_dir.name))
-                rep.remove("cargo-home-unreferenced", b)
+            judge(rev_dir, "git_checkout", co.name, any(r.startswith(rev_dir.name) for r in revs),
+                  rev_dir.is_dir(follow_symlinks=False))
     result["unreferenced"] = sorted(p.relative_to(home).as_posix() for p, *_ in plan)
     if not dry_run:
         _Deleter([home], dry_run=False).empty_trash()   # leftovers of an interrupted GC

@@ -181,15 +181,31 @@ def test_missing_store_is_a_miss_for_restore_and_an_error_for_ls(saved, tmp_path
     assert "does not exist" in one_line_error(ls)
 
 
+def damaged_copy(store: Path, dest: Path, subdir: str, damage) -> Path:
+    """A copy of the store with damage(bytes) -> bytes applied to every object under subdir."""
+    shutil.copytree(store, dest)
+    for obj in (dest / subdir).rglob("*"):
+        if obj.is_file():
+            obj.write_bytes(damage(obj.read_bytes()))
+    return dest
+
+
+def _flip_middle_byte(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[len(out) // 2] ^= 0xFF
+    return bytes(out)
+
+
+def _newer_format(data: bytes) -> bytes:
+    import zstandard
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(data))
+    doc["format"] = 99
+    return zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
+
+
 def test_corrupt_blob_fails_cleanly_and_build_stays_correct(saved, tmp_path):
     ws, store = saved
-    bad = tmp_path / "store"
-    shutil.copytree(store, bad)
-    for pack in (bad / "packs").rglob("*"):
-        if pack.is_file():
-            data = bytearray(pack.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            pack.write_bytes(bytes(data))
+    bad = damaged_copy(store, tmp_path / "store", "packs", _flip_middle_byte)
     cold_runner(ws)
     res = rsnap(ws, bad, "restore")
     assert res.returncode == 3, res.stderr
@@ -216,15 +232,8 @@ def test_unwritable_target_is_one_line_error(saved):
 
 
 def test_newer_manifest_format_is_refused(saved, tmp_path):
-    import zstandard
     ws, store = saved
-    newer = tmp_path / "store"
-    shutil.copytree(store, newer)
-    for snap in (newer / "snapshots").rglob("*"):
-        if snap.is_file():
-            doc = json.loads(zstandard.ZstdDecompressor().decompress(snap.read_bytes()))
-            doc["format"] = 99
-            snap.write_bytes(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
+    newer = damaged_copy(store, tmp_path / "store", "snapshots", _newer_format)
     cold_runner(ws)
     res = rsnap(ws, newer, "restore")
     assert res.returncode == 5
