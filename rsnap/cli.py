@@ -1,21 +1,19 @@
 """Command-line interface (typer). Every command: --help, --json, documented exit codes."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
 import time
-import tomllib
 from typing import List, Optional
 
 import typer
 
-from . import __version__, keys, repo, snapshot
-from .cargo_layout import discover, RSNAP_DIR
-from .errors import RsnapError, StoreError, EXIT_USAGE, EXIT_NOSPACE
+from . import __version__, commands, keys, repo, snapshot
+from .cargo_layout import discover
+from .errors import StoreError
 from .progress import human_bytes
-from .store import open_store, default_store_url
+from .store import open_store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Incremental Rust CI builds: snapshot target/ and CARGO_HOME, restore them with mtime normalization.\n\n"
@@ -30,18 +28,6 @@ RestoreKeyOpt = typer.Option(None, "--restore-key", help="Key prefix to fall bac
 ManifestOpt = typer.Option(None, "--manifest-path", help="Path to Cargo.toml (default: cargo's discovery from the cwd).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
-
-
-def _emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
-    elif not quiet:
-        sys.stderr.write(text.rstrip() + "\n")
-
-
-def _key_and_inputs(ws, key: Optional[str]):
-    inputs = keys.key_inputs(ws)
-    return (keys.validate_key(key) if key else keys.default_key(inputs)), inputs
 
 
 @app.command()
@@ -59,43 +45,7 @@ def restore(
 
     A miss exits 0 so `rsnap restore && cargo build && rsnap save` works on the first run.
     """
-    started = time.monotonic()
-    ws = discover(manifest_path)
-    k, inputs = _key_and_inputs(ws, key)
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
-    base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
-    try:
-        st = open_store(store, create=False)
-    except StoreError as e:
-        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
-    name, kind = repo.find_snapshot(st, k, prefixes)
-    if name is None:
-        return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
-                     "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
-    m = repo.read_manifest(st, name)
-    if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
-        return _miss(as_json, quiet, base, started,
-                     f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
-                     "treated as a miss (see --allow-relocate)", ws)
-    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
-        was_interrupted = snapshot.restore_interrupted(ws)
-        out = snapshot.restore(ws, st, name, m, progress=None if not (as_json or quiet) else False)
-    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
-              "repaired_interrupted_restore": was_interrupted, **out,
-              "seconds": round(time.monotonic() - started, 3)}
-    _emit(as_json, result,
-          f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
-          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
-          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
-          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
-
-
-def _miss(as_json, quiet, base, started, message, ws=None):
-    if ws is not None:
-        snapshot.arm_usage(ws)
-    data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
-            "seconds": round(time.monotonic() - started, 3)}
-    _emit(as_json, data, f"rsnap: miss: {message}", quiet)
+    commands.restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet)
 
 
 NoGcOpt = typer.Option(False, "--no-gc", help="Skip garbage collection before saving.")
@@ -115,27 +65,7 @@ def save(
     keep_cargo_home: bool = KeepHomeOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
     """Garbage-collect, then save the target dir and CARGO_HOME caches; only new content is written."""
-    from . import gc
-    ws = discover(manifest_path, with_deps=True)
-    cap = _max_size(ws, max_size)
-    k, inputs = _key_and_inputs(ws, key)
-    st = open_store(store)
-    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
-        if snapshot.restore_interrupted(ws):
-            raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
-                             "(or delete the target dir) before saving", EXIT_USAGE)
-        gc_report = gc.before_save(ws, enabled=not no_gc, max_size=cap, cargo_home=not keep_cargo_home)
-        # a CARGO_HOME left unpruned on disk is still pruned in the snapshot
-        excluded = frozenset(gc.collect_cargo_home(ws, dry_run=True).get("unreferenced", [])) \
-            if keep_cargo_home and not no_gc else frozenset()
-        out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
-                            progress=None if not (as_json or quiet) else False, home_excluded=excluded)
-        snapshot.arm_usage(ws)
-    if gc_report and not as_json and not quiet:
-        sys.stderr.write(gc.format_report(gc_report) + "\n")
-    _emit(as_json, {**out, "store": st.url, "gc": gc_report},
-          f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
-          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
+    commands.save(store, key, manifest_path, no_gc, max_size, keep_cargo_home, as_json, quiet)
 
 
 @app.command("gc")
@@ -148,7 +78,7 @@ def gc_command(
     """Remove stale units, old incremental sessions and unreferenced CARGO_HOME downloads."""
     from . import gc
     ws = discover(manifest_path)
-    report = gc.collect(ws, dry_run=dry_run, max_size=_max_size(ws, max_size), cargo_home=not keep_cargo_home)
+    report = gc.collect(ws, dry_run=dry_run, max_size=commands.max_size_bytes(ws, max_size), cargo_home=not keep_cargo_home)
     if as_json:
         print(json.dumps(report, sort_keys=True))
     else:
@@ -164,24 +94,6 @@ def cargo_command(ctx: typer.Context):
         manifest = args[args.index("--manifest-path") + 1]
     from . import usage
     raise typer.Exit(usage.run_cargo(args, discover(manifest)))
-
-
-def _max_size(ws, option: Optional[str]) -> Optional[int]:
-    text = option
-    if text is None:
-        try:
-            with open(ws.root / "Cargo.toml", "rb") as f:
-                doc = tomllib.load(f)
-            text = doc.get("workspace", {}).get("metadata", {}).get("rsnap", {}).get("max-size")
-        except (OSError, tomllib.TOMLDecodeError):
-            text = None
-    if text is None:
-        return None
-    from . import gc
-    try:
-        return gc.parse_size(str(text))
-    except ValueError as e:
-        raise RsnapError(str(e), EXIT_USAGE) from None
 
 
 @app.command()
@@ -221,7 +133,7 @@ def status(
 ):
     """Show what a restore would do and what the target dir holds."""
     ws = discover(manifest_path)
-    k, inputs = _key_and_inputs(ws, key)
+    k, inputs = commands.key_and_inputs(ws, key)
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
@@ -278,7 +190,7 @@ def store_prune(store: Optional[str] = StoreOpt,
     from . import prune
     st = open_store(store, create=False)
     out = prune.prune(st, keep=keep, dry_run=dry_run)
-    _emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
+    commands.emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
                         f"({human_bytes(out['bytes_freed'])}){' (dry run)' if dry_run else ''}")
 
 
@@ -294,28 +206,6 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except RsnapError as e:
-        print(f"rsnap: error: {e}", file=sys.stderr)
-        sys.exit(e.code)
-    except OSError as e:
-        code = EXIT_NOSPACE if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 1
-        print(f"rsnap: error: {e.strerror or e} ({e.filename})", file=sys.stderr)
-        sys.exit(code)
-    except KeyboardInterrupt:
-        print("rsnap: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user gets one line, developers set RSNAP_DEBUG
-        if os.environ.get("RSNAP_DEBUG"):
-            raise
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        print(f"rsnap: internal error: {type(e).__name__}: {e} (set RSNAP_DEBUG=1 for a traceback)", file=sys.stderr)
-        sys.exit(1)
+    """Kept for `python -m rsnap` and old entry points; see rsnap.entry."""
+    from .entry import main as entry_main
+    entry_main()

@@ -1,0 +1,117 @@
+"""The bodies of `rsnap restore` and `rsnap save`, free of any CLI framework.
+
+Both the typer CLI (rsnap/cli.py) and the fast argv path (rsnap/entry.py) call these:
+restore and save run in every CI job, so they must not pay typer's start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from . import keys, repo, snapshot
+from .cargo_layout import discover, RSNAP_DIR
+from .errors import RsnapError, StoreError, EXIT_USAGE
+from .progress import human_bytes
+from .store import open_store, default_store_url
+
+
+def emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    elif not quiet:
+        sys.stderr.write(text.rstrip() + "\n")
+
+
+def key_and_inputs(ws, key: str | None):
+    inputs = keys.key_inputs(ws)
+    return (keys.validate_key(key) if key else keys.default_key(inputs)), inputs
+
+
+def restore(store: str | None = None, key: str | None = None, restore_key: list[str] | None = None,
+            manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
+            quiet: bool = False) -> None:
+    started = time.monotonic()
+    ws = discover(manifest_path)
+    k, inputs = key_and_inputs(ws, key)
+    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
+    try:
+        st = open_store(store, create=False)
+    except StoreError as e:
+        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
+    name, kind = repo.find_snapshot(st, k, prefixes)
+    if name is None:
+        return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
+                     "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
+    m = repo.read_manifest(st, name)
+    if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
+        return _miss(as_json, quiet, base, started,
+                     f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
+                     "treated as a miss (see --allow-relocate)", ws)
+    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
+        was_interrupted = snapshot.restore_interrupted(ws)
+        out = snapshot.restore(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
+              "repaired_interrupted_restore": was_interrupted, **out,
+              "seconds": round(time.monotonic() - started, 3)}
+    emit(as_json, result,
+         f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
+         f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
+         f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
+         f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
+
+
+def _miss(as_json, quiet, base, started, message, ws=None):
+    if ws is not None:
+        snapshot.arm_usage(ws)
+    data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
+            "seconds": round(time.monotonic() - started, 3)}
+    emit(as_json, data, f"rsnap: miss: {message}", quiet)
+
+
+def save(store: str | None = None, key: str | None = None, manifest_path: str | None = None,
+         no_gc: bool = False, max_size: str | None = None, keep_cargo_home: bool = False,
+         as_json: bool = False, quiet: bool = False) -> None:
+    from . import gc
+    ws = discover(manifest_path, with_deps=True)
+    cap = max_size_bytes(ws, max_size)
+    k, inputs = key_and_inputs(ws, key)
+    st = open_store(store)
+    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
+        if snapshot.restore_interrupted(ws):
+            raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
+                             "(or delete the target dir) before saving", EXIT_USAGE)
+        gc_report = gc.before_save(ws, enabled=not no_gc, max_size=cap, cargo_home=not keep_cargo_home)
+        # a CARGO_HOME left unpruned on disk is still pruned in the snapshot
+        excluded = frozenset(gc.collect_cargo_home(ws, dry_run=True).get("unreferenced", [])) \
+            if keep_cargo_home and not no_gc else frozenset()
+        out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
+                            progress=None if not (as_json or quiet) else False, home_excluded=excluded)
+        snapshot.arm_usage(ws)
+    if gc_report and not as_json and not quiet:
+        sys.stderr.write(gc.format_report(gc_report) + "\n")
+    emit(as_json, {**out, "store": st.url, "gc": gc_report},
+         f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
+         f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
+
+
+def max_size_bytes(ws, option: str | None) -> int | None:
+    """--max-size / RSNAP_MAX_SIZE, else [workspace.metadata.rsnap] max-size in Cargo.toml."""
+    text = option
+    if text is None:
+        import tomllib
+        try:
+            with open(ws.root / "Cargo.toml", "rb") as f:
+                doc = tomllib.load(f)
+            text = doc.get("workspace", {}).get("metadata", {}).get("rsnap", {}).get("max-size")
+        except (OSError, tomllib.TOMLDecodeError):
+            text = None
+    if text is None:
+        return None
+    from . import gc
+    try:
+        return gc.parse_size(str(text))
+    except ValueError as e:
+        raise RsnapError(str(e), EXIT_USAGE) from None
