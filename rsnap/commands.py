@@ -29,11 +29,18 @@ def key_and_inputs(ws, key: str | None):
     return (keys.validate_key(key) if key else keys.default_key(inputs)), inputs
 
 
+def _discover(manifest_path: str | None, with_deps: bool = False):
+    """cargo metadata, with `rustc -vV` for the key running alongside in the likely workspace root."""
+    guess = os.path.dirname(os.path.abspath(manifest_path)) if manifest_path else os.getcwd()
+    keys.start_rustc_version(guess)
+    return discover(manifest_path, with_deps=with_deps)
+
+
 def restore(store: str | None = None, key: str | None = None, restore_key: list[str] | None = None,
             manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
             quiet: bool = False) -> None:
     started = time.monotonic()
-    ws = discover(manifest_path)
+    ws = _discover(manifest_path)
     k, inputs = key_and_inputs(ws, key)
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
@@ -75,7 +82,7 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
          no_gc: bool = False, max_size: str | None = None, keep_cargo_home: bool = False,
          as_json: bool = False, quiet: bool = False) -> None:
     from . import gc
-    ws = discover(manifest_path, with_deps=True)
+    ws = _discover(manifest_path, with_deps=True)
     cap = max_size_bytes(ws, max_size)
     k, inputs = key_and_inputs(ws, key)
     st = open_store(store)

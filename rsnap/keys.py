@@ -41,17 +41,37 @@ def _h(data: bytes | str, n: int) -> str:
     return xxhash.xxh3_128_hexdigest(data)[:n]
 
 
+_started: dict[str | None, subprocess.Popen] = {}
+
+
+def start_rustc_version(cwd: str | None) -> None:
+    """Start `rustc -vV` in `cwd` in the background, so it overlaps `cargo metadata`."""
+    if cwd in _started:
+        return
+    rustc = os.environ.get("RUSTC") or "rustc"
+    try:
+        _started[cwd] = subprocess.Popen([rustc, "-vV"], cwd=cwd, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+    except OSError:
+        pass  # rustc_version reports it
+
+
 @functools.lru_cache(maxsize=None)
 def rustc_version(cwd: str | None = None) -> str:
     """`rustc -vV` as cargo would run it (honours RUSTC and rustup overrides in `cwd`)."""
     rustc = os.environ.get("RUSTC") or "rustc"
+    start_rustc_version(cwd)
+    proc = _started.pop(cwd, None)
+    if proc is None:
+        raise RsnapError(f"{rustc} was not found on PATH", EXIT_WORKSPACE)
     try:
-        proc = subprocess.run([rustc, "-vV"], cwd=cwd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError):
-        raise RsnapError(f"{rustc} was not found on PATH", EXIT_WORKSPACE) from None
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RsnapError(f"{rustc} -vV did not answer in 120 s", EXIT_WORKSPACE) from None
     if proc.returncode != 0:
-        raise RsnapError(f"{rustc} -vV failed: {proc.stderr.strip()[:200]}", EXIT_WORKSPACE)
-    return proc.stdout
+        raise RsnapError(f"{rustc} -vV failed: {stderr.strip()[:200]}", EXIT_WORKSPACE)
+    return stdout
 
 
 def _file_digest(path: Path) -> str | None:
