@@ -1,0 +1,89 @@
+"""Any Rust project in a git repository, as a benchmark subject (bench_snapshot.py --project).
+
+The repository is cloned to ``<root>/ws`` (and re-cloned for every fresh-checkout step,
+so sources get new mtimes as on a CI runner); cargo runs with ``CARGO_HOME`` from
+``--cargo-home``, ``$CARGO_HOME`` or ``~/.cargo`` (it must reach the project's
+dependencies: a network, a vendored registry, or a warm cache with ``--offline``).
+The one-line change is a comment line appended to ``--edit`` (default: the root
+package's ``src/main.rs`` or ``src/lib.rs``, else the first member's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EDIT_MARKER = "// rsnap bench edit "
+
+
+@dataclass
+class Project:
+    root: Path
+    origin: Path
+    cargo_home: Path
+    edit_file: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    lockfile: bytes | None = None  # Cargo.lock to put in every clone when the repository has none
+
+    @property
+    def ws(self) -> Path:
+        return self.root / "ws"
+
+    @property
+    def target(self) -> Path:
+        return self.ws / "target"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR", "RUSTC_WRAPPER")}
+        env.update(CARGO_HOME=str(self.cargo_home), CARGO_TERM_COLOR="never", **self.extra_env)
+        return env
+
+    def fresh_clone(self) -> None:
+        shutil.rmtree(self.ws, ignore_errors=True)
+        subprocess.run(["git", "clone", "-q", str(self.origin), str(self.ws)], check=True)
+        if self.lockfile is not None and not (self.ws / "Cargo.lock").exists():
+            (self.ws / "Cargo.lock").write_bytes(self.lockfile)
+
+    def edit_leaf(self, tag: int) -> None:
+        path = self.ws / self.edit_file
+        lines = [line for line in path.read_text().splitlines() if not line.startswith(EDIT_MARKER)]
+        path.write_text("\n".join(lines + [f"{EDIT_MARKER}{tag}"]) + "\n")
+
+    def stop(self) -> None:
+        pass
+
+
+def default_edit_file(ws: Path, env: dict[str, str]) -> str:
+    """The root package's main.rs/lib.rs, else the first workspace member's."""
+    meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ws, env=env,
+                                     capture_output=True, text=True, check=True).stdout)
+    manifests = [Path(p["manifest_path"]).parent for p in meta["packages"]]
+    manifests.sort(key=lambda d: (d != ws, str(d)))
+    for d in manifests:
+        for name in ("src/main.rs", "src/lib.rs"):
+            if (d / name).is_file():
+                return str((d / name).relative_to(ws))
+    raise SystemExit(f"no src/main.rs or src/lib.rs in {ws}; pass --edit FILE")
+
+
+def setup(root: Path, origin: Path, cargo_home: Path | None, edit_file: str | None,
+          extra_env: dict[str, str] | None = None) -> Project:
+    if not (origin / ".git").exists():
+        raise SystemExit(f"--project {origin} is not a git repository (the benchmark clones it)")
+    home = cargo_home or Path(os.environ.get("CARGO_HOME") or Path.home() / ".cargo")
+    project = Project(root, origin.resolve(), home.resolve(), edit_file or "", dict(extra_env or {}))
+    root.mkdir(parents=True, exist_ok=True)
+    project.fresh_clone()
+    if not project.edit_file:
+        project.edit_file = default_edit_file(project.ws, project.env)
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "Cargo.lock"], cwd=project.ws,
+                             capture_output=True).returncode == 0
+    subprocess.run(["cargo", "fetch"], cwd=project.ws, env=project.env, check=True)
+    if not tracked:  # a library without a committed lockfile: pin the one cargo just made
+        project.lockfile = (project.ws / "Cargo.lock").read_bytes()
+    return project
