@@ -68,9 +68,9 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sqlite3
 import struct
-import subprocess
 import time
 import tomllib
 from contextlib import ExitStack, contextmanager
@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keys, usage
+from .usage import profile_dirs
 from .cargo_layout import EXCLUDED_TARGET_NAMES, RSNAP_DIR
 from .errors import RsnapError, EXIT_LOCKED
 
@@ -101,7 +102,6 @@ HASHED = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
 FP_FILE = re.compile(r"^(?:test-|doc-|run-)?(?:lib|bin|integration-test|build-script|bench|example)-(?P<target>.+)$")
 SESSION = re.compile(r"^s-(?P<ts>[0-9a-z]+)-(?P<rand>[0-9a-z]+)(?:-(?P<tail>[0-9a-z]+))?$")
 RUSTC_TEMP = re.compile(r"^(rmeta|rustc)[0-9A-Za-z]{6}$")
-NOT_PROFILE = {RSNAP_DIR, "doc", "package", "tmp", "incremental", "deps", "build", ".fingerprint", "examples"}
 INCR_MATCH_WINDOW_NS = 600 * 10**9   # rustc creates its session dir this soon after cargo invokes it
 LOCK_TIMEOUT_S = 600.0
 
@@ -270,35 +270,6 @@ class Inventory:
     trash: list[Item] = field(default_factory=list)
 
 
-def profile_dirs(root: Path) -> list[Path]:
-    """`<root>/<profile>` and `<root>/<triple>/<profile>` dirs holding cargo units."""
-    out = []
-    root = Path(root)
-    for d1 in _scandir(root):
-        if not d1.is_dir(follow_symlinks=False) or d1.name in NOT_PROFILE:
-            continue
-        p1 = Path(d1.path)
-        if _looks_like_profile(p1):
-            out.append(p1)
-            continue
-        for d2 in _scandir(p1):
-            if d2.is_dir(follow_symlinks=False) and d2.name not in NOT_PROFILE and _looks_like_profile(Path(d2.path)):
-                out.append(Path(d2.path))
-    return sorted(out)
-
-
-def _looks_like_profile(p: Path) -> bool:
-    if (p / ".fingerprint").is_dir() or (p / "deps").is_dir() or (p / "incremental").is_dir():
-        return True
-    for pkg in _scandir(p / "build"):
-        if HASHED.match(pkg.name):
-            return True
-        for h in _scandir(Path(pkg.path)):
-            if HEX16.match(h.name) and (Path(h.path) / "fingerprint").is_dir():
-                return True
-    return False
-
-
 def _scandir(path) -> list:
     try:
         return list(os.scandir(path))
@@ -307,19 +278,30 @@ def _scandir(path) -> list:
 
 
 def _tree_bytes(path: Path) -> int:
-    total = 0
+    """Size of a file or symlink, or the total size of the files below a directory."""
     try:
         st = os.lstat(path)
     except OSError:
         return 0
-    if not os.path.isdir(path) or os.path.islink(path):
-        return st.st_size
-    for dirpath, dirs, files in os.walk(path):
-        for fn in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, fn)).st_size
-            except OSError:
-                pass
+    return _dir_bytes(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def _dir_bytes(path) -> int:
+    """Like summing lstat sizes over os.walk: symlinks to dirs are neither followed nor counted."""
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return 0
+    for de in entries:
+        try:
+            if de.is_dir():
+                if not de.is_symlink():
+                    total += _dir_bytes(de.path)
+            else:
+                total += de.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
     return total
 
 

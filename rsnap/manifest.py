@@ -91,6 +91,24 @@ def dumps(m: Manifest) -> bytes:
 
 def loads(data: bytes) -> Manifest:
     """Parse and fully validate a manifest; raise FormatError on anything suspicious."""
+    doc = _parse(data)
+    try:
+        return _build(doc)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        raise FormatError(f"snapshot manifest is malformed ({type(e).__name__}: {e})"[:300]) from None
+
+
+def loads_blobs(data: bytes) -> dict[str, list]:
+    """Only the blob table of a manifest, validated (what a save dedupes against)."""
+    doc = _parse(data)
+    try:
+        return _check_blobs(doc["blobs"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        raise FormatError(f"snapshot manifest is malformed ({type(e).__name__}: {e})"[:300]) from None
+
+
+def _parse(data: bytes) -> dict:
+    """Decompress and parse a manifest; check it is an object of a format this rsnap reads."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_MANIFEST_BYTES)
         doc = json.loads(raw)
@@ -104,14 +122,10 @@ def loads(data: bytes) -> Manifest:
     if fmt > FORMAT_VERSION:
         raise FormatError(
             f"snapshot was written by a newer rsnap (format {fmt}, this rsnap reads {FORMAT_VERSION}); upgrade rsnap")
-    try:
-        return _build(doc)
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
-        raise FormatError(f"snapshot manifest is malformed ({type(e).__name__}: {e})"[:300]) from None
+    return doc
 
 
-def _build(doc: dict) -> Manifest:
-    blobs = doc["blobs"]
+def _check_blobs(blobs) -> dict[str, list]:
     _require(isinstance(blobs, dict), "blobs must be an object")
     for digest, loc in blobs.items():
         _require(_DIGEST.match(digest), f"bad blob digest {digest!r}")
@@ -120,6 +134,11 @@ def _build(doc: dict) -> Manifest:
         _require(isinstance(pack, str) and _PACK.match(pack), "bad pack id")
         for n in (off, clen, size):
             _require(isinstance(n, int) and 0 <= n <= MAX_FILE_SIZE, "bad blob offset or size")
+    return blobs
+
+
+def _build(doc: dict) -> Manifest:
+    blobs = _check_blobs(doc["blobs"])
     roots = []
     _require(isinstance(doc["roots"], list), "roots must be a list")
     for r in doc["roots"]:

@@ -85,9 +85,10 @@ def source_dirs(ws) -> list[Path]:
 
 def extra_input_paths(ws) -> list[Path]:
     """dep-info and rerun-if-changed paths outside the path packages, $CARGO_HOME and the sysroot."""
-    covered = source_dirs(ws)
-    skip_under = [ws.cargo_home, ws.target_dir, ws.build_dir]
-    found: set[Path] = set()
+    covered = [str(d) for d in source_dirs(ws)]
+    skip_under = [str(d) for d in (ws.cargo_home, ws.target_dir, ws.build_dir)]
+    root = str(ws.root)
+    found: set[str] = set()
     for tree in {ws.target_dir, ws.build_dir}:
         for d in cargo_layout.iter_depinfo_files(tree):
             try:
@@ -95,7 +96,7 @@ def extra_input_paths(ws) -> list[Path]:
             except OSError:
                 continue
             for p in cargo_layout.parse_makefile_depinfo(text):
-                found.add(Path(os.path.normpath(p if p.startswith("/") else ws.root / p)))
+                found.add(os.path.normpath(p if p.startswith("/") else os.path.join(root, p)))
         for pkg, out in cargo_layout.iter_build_script_outputs(tree):
             pkg_dir = ws.package_dirs_by_name.get(pkg)
             if pkg_dir is None:
@@ -105,11 +106,14 @@ def extra_input_paths(ws) -> list[Path]:
             except OSError:
                 continue
             for p in cargo_layout.rerun_if_changed_paths(text):
-                found.add(Path(os.path.normpath(pkg_dir / p)))
-    return sorted(p for p in found
-                  if not any(p.is_relative_to(c) for c in covered)
-                  and not any(s and p.is_relative_to(s) for s in skip_under)
-                  and p.exists())
+                found.add(os.path.normpath(os.path.join(pkg_dir, p)))
+    return sorted(Path(p) for p in found
+                  if not _below_any(p, covered) and not _below_any(p, skip_under) and os.path.exists(p))
+
+
+def _below_any(path: str, dirs: list[str]) -> bool:
+    """Is `path` one of `dirs` or below one (normalized absolute paths)?"""
+    return any(path == d or path.startswith(d if d.endswith("/") else d + "/") for d in dirs)
 
 
 def record_sources(ws) -> tuple[list[list], list[str]]:

@@ -177,12 +177,12 @@ def find_snapshot(store, key: str, prefixes: list[str]) -> tuple[str | None, str
     return None, "miss"
 
 
-def known_blobs(store, manifests: list[mf.Manifest]) -> dict[str, list]:
+def known_blobs(store, blob_tables: list[dict[str, list]]) -> dict[str, list]:
     """Blob locations saves can reuse, if their packs are still in the store."""
     known: dict[str, list] = {}
     live_packs: dict[str, bool] = {}
-    for m in manifests:
-        for digest, loc in m.blobs.items():
+    for table in blob_tables:
+        for digest, loc in table.items():
             pack = loc[0]
             if pack not in live_packs:
                 live_packs[pack] = store.exists(pack_name(pack))
@@ -191,11 +191,12 @@ def known_blobs(store, manifests: list[mf.Manifest]) -> dict[str, list]:
     return known
 
 
-def recent_manifests(store, key_prefix: str, limit: int = 2) -> list[mf.Manifest]:
+def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[dict[str, list]]:
+    """The blob tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
     out = []
     for name, _key, _created in list_snapshots(store, key_prefix)[:limit]:
         try:
-            out.append(read_manifest(store, name))
+            out.append(mf.loads_blobs(store.get(name)))
         except (StoreError, FormatError):
             continue
     return out

@@ -89,7 +89,8 @@ def read_and_hash(path) -> tuple[bytes, str]:
 
 class StatCache:
     def __init__(self, root: Path):
-        self.path = Path(root) / RSNAP_DIR / STATE_FILE
+        self.root = Path(root)
+        self.path = self.root / RSNAP_DIR / STATE_FILE
         self.files: dict[str, list] = {}
 
     def load(self) -> "StatCache":
@@ -110,6 +111,15 @@ class StatCache:
 
     def remember(self, f: Found, digest: str) -> None:
         self.files[f.rel] = f.stat_key() + [digest]
+
+    def retimed(self, rel: str, before: os.stat_result, after: os.stat_result) -> None:
+        """rsnap itself changed only the times of `rel` (its ctime moved): keep the digest if
+        the entry described the file as it was just before."""
+        rec = self.files.get(rel)
+        same_content = (before.st_size, before.st_mtime_ns, before.st_ino) == \
+            (after.st_size, after.st_mtime_ns, after.st_ino)
+        if rec and same_content and rec[:4] == [before.st_size, before.st_mtime_ns, before.st_ino, before.st_ctime_ns]:
+            self.files[rel] = [after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns, rec[4]]
 
     def remember_path(self, rel: str, abs_path, digest: str) -> None:
         st = os.lstat(abs_path)

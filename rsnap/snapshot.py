@@ -2,7 +2,8 @@
 
 Restore is ordered so that an interruption at any point leaves nothing cargo would
 wrongly trust: fingerprint files that will change are removed first, data files are
-written next, then source mtimes are normalized, and fingerprint files come last (a
+written next (fingerprint files too, but only under temp names cargo never reads), then
+source mtimes are normalized, and fingerprint files are renamed into place last (a
 fingerprint must never vouch for sources whose mtimes are not normalized yet). Every
 file is written to a temp name and renamed. Save and restore hold cargo's own locks.
 """
@@ -26,12 +27,12 @@ from typing import Callable
 
 from . import __version__, cargo_layout, faults, mtimes, repo, scan, usage
 from . import manifest as mf
-from .errors import RsnapError, StoreError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
+from .errors import RsnapError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
 from .progress import Progress
 
 RESTORING_MARKER = "restoring"
 RESTORED_INFO = "restored.json"
-WORKERS = min(8, os.cpu_count() or 2)
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
 @dataclass
@@ -160,41 +161,59 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
 
 
 def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded) -> dict:
-    known = repo.known_blobs(store, repo.recent_manifests(store, dedupe_prefix))
+    known = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
     writer = repo.PackWriter(store)
     stats = SaveStats()
-    roots = []
+    roots, caches = [], []
     blobs: dict[str, list] = {}
     bar = Progress("rsnap save", enabled=progress)
     locks = cargo_lock_files(ws) + ([ws.cargo_home / ".package-cache"] if ws.cargo_home.is_dir() else [])
-    with cargo_locks(locks, exclusive=False), ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for spec in root_specs(ws, home_excluded):
-            root = _save_root(spec, pool, known, writer, blobs, stats, bar)
-            if root is not None:
-                roots.append(root)
-        sources, source_dirs = mtimes.record_sources(ws)
-    writer.flush()
-    for digest in list(blobs):
-        if blobs[digest] is None:
-            blobs[digest] = writer.locations[digest]
-    bar.finish()
-    faults.point("save.manifest")
-    m = mf.Manifest(
-        key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
-        rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
-        source_dirs=source_dirs, blobs=blobs,
-    )
-    name = repo.write_manifest(store, m)
+    with cargo_locks(locks, exclusive=False):
+        try:
+            with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+                for spec in root_specs(ws, home_excluded):
+                    if spec.path.is_dir():
+                        caches.append(scan.StatCache(spec.path).load())
+                        roots.append(_save_root(spec, caches[-1], pool, known, writer, blobs, stats, bar))
+                last_pack = pool.submit(writer.flush)  # stored while the sources are recorded
+                sources, source_dirs = mtimes.record_sources(ws)
+                last_pack.result()
+            for digest in list(blobs):
+                if blobs[digest] is None:
+                    blobs[digest] = writer.locations[digest]
+            bar.finish()
+            faults.point("save.manifest")
+            m = mf.Manifest(
+                key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
+                rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
+                source_dirs=source_dirs, blobs=blobs,
+            )
+            name = repo.write_manifest(store, m)
+            _arm_keeping_stat_caches(ws, caches)
+        finally:
+            for cache in caches:
+                cache.save()
     stats.bytes_written += writer.bytes_written
     stats.packs_written = writer.packs_written
     return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,
             "sources": len(sources), "seconds": round(time.monotonic() - started, 3)}
 
 
-def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar) -> mf.Root | None:
-    if not spec.path.is_dir():
-        return None
-    cache = scan.StatCache(spec.path).load()
+def _arm_keeping_stat_caches(ws, caches: list[scan.StatCache]) -> None:
+    """Start gc's usage epoch while cargo's locks are still held. Arming (atime := mtime)
+    moves the ctime of fingerprint files, which the stat cache keys on; under the locks
+    nothing else changed them, so their entries move to the new stat and the next save
+    does not re-hash them."""
+    retimed: list = []
+    arm_usage(ws, retimed)
+    for path, before, after in retimed:
+        for cache in caches:
+            prefix = f"{cache.root}/"
+            if path.startswith(prefix):
+                cache.retimed(path[len(prefix):], before, after)
+
+
+def _save_root(spec: RootSpec, cache: scan.StatCache, pool, known, writer, blobs, stats: SaveStats, bar) -> mf.Root:
     found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
     root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
     claimed: set[str] = set()       # digests some worker is compressing already
@@ -217,8 +236,10 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
     # unchanged files whose content the store has need no worker (most of a save after a small change)
     cached = [cache.digest_for(f) for f in files]
     quick = {f.rel: d for f, d in zip(files, cached) if d is not None and d in known}
-    slow = iter(pool.map(_guard(digest_of), [f for f in files if f.rel not in quick]))
-    results = ((quick[f.rel], None, False) if f.rel in quick else next(slow) for f in files)
+    # the rest go to the pool biggest first, so that no big file is compressed at the end alone
+    todo = sorted((f for f in files if f.rel not in quick), key=lambda f: f.size, reverse=True)
+    pending = {f.rel: pool.submit(_guard(digest_of), f) for f in todo}
+    results = ((quick[f.rel], None, False) if f.rel in quick else pending.pop(f.rel).result() for f in files)
     digests: dict[str, str] = {}
     for f, (digest, compressed, hashed) in zip(files, results):
         if digest is None:
@@ -255,7 +276,6 @@ def _save_root(spec: RootSpec, pool, known, writer, blobs, stats: SaveStats, bar
             root.entries.append(mf.Entry(f.rel, "d", f.mode, 0, f.mtime_ns, ""))
         elif f.type == "l" and _link_is_safe(f.rel, f.link):
             root.entries.append(mf.Entry(f.rel, "l", 0o777, 0, f.mtime_ns, f.link))
-    cache.save()
     return root
 
 
@@ -348,12 +368,20 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             scan.StatCache(plan.spec_path).invalidate()
         bar = Progress("rsnap restore", total=sum(e.size for p in plans for e in p.write), enabled=progress)
         for plan in plans:
-            _apply(store, m, plan, stats, bar)
-        # Sources are normalized before fingerprints are written: an interruption before
-        # this point leaves no fingerprint that could vouch for a source not yet re-timed.
-        retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest)
+            _clear_the_way(plan, stats)
+        held_back = _write_files(store, m, plans, stats, bar)
+        try:
+            for plan in plans:
+                _write_links_and_meta(plan, stats)
+            # Sources are normalized before fingerprints are put in place: an interruption before
+            # this point leaves no fingerprint that could vouch for a source not yet re-timed.
+            retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest)
+            _put_in_place(held_back, plans)
+        except BaseException:
+            _discard(held_back)
+            raise
         for plan in plans:
-            _apply_last(store, m, plan, stats, bar)
+            _set_dir_meta(plan)
         bar.finish()
         for plan in plans:
             if not plan.root.merge:
@@ -373,10 +401,10 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def arm_usage(ws) -> None:
+def arm_usage(ws, retimed: list | None = None) -> None:
     """Start gc's usage epoch (see rsnap.usage); failing to is a warning, never an error."""
     try:
-        usage.arm(ws)
+        usage.arm(ws, retimed=retimed)
     except OSError as e:
         sys.stderr.write(f"rsnap: warning: could not start usage tracking for gc: {e}\n")
 
@@ -454,30 +482,33 @@ def _same_content(root_path: Path, e: mf.Entry, have: scan.Found, cache, merge: 
         return False
 
 
-def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -> None:
+def _clear_the_way(plan: RestorePlan, stats: RestoreStats) -> None:
+    """Steps 1 and 2: fingerprint files that will change or go away are removed first
+    (invalidating their units), then what the snapshot does not have (deepest first)."""
     root = plan.spec_path
     root.mkdir(parents=True, exist_ok=True)
     fp = _written_last
     trusted = _trusted_depth(plan)
-    # 1. invalidate: fingerprint files that will change or go away are removed first
     for e in plan.write:
-        if fp(e.path) and _symlink_parent(root, e.path, trusted) is None:
-            _remove_path(root / e.path)
+        path = root / e.path
+        if fp(e.path) and os.path.lexists(path) and _symlink_parent(root, e.path, trusted) is None:
+            _remove_path(path)
             faults.point("restore.invalidate")
     for f in plan.remove:
         if fp(f.rel):
             _remove_path(root / f.rel)
             faults.point("restore.invalidate")
-    # 2. remove what the snapshot does not have (deepest first)
     for f in sorted(plan.remove, key=lambda f: f.rel.count("/"), reverse=True):
         _remove_path(root / f.rel)
         stats.files_removed += f.type != "d"
         faults.point("restore.remove")
-    # 3. directories, then data files, then links (fingerprint files: _apply_last)
-    for e in plan.write:
-        if e.type == "d":
-            _inside(root, e.path, trusted).mkdir(parents=True, exist_ok=True)
-    _write_files(store, m, root, [e for e in plan.write if e.type == "f" and not fp(e.path)], stats, bar, trusted)
+
+
+def _write_links_and_meta(plan: RestorePlan, stats: RestoreStats) -> None:
+    """After the data files: hard links (to files now in place), symlinks, and the mode and
+    mtime of files that were kept."""
+    root = plan.spec_path
+    trusted = _trusted_depth(plan)
     for e in plan.write:
         if e.type == "h":
             _link_atomic(root / e.digest, _inside(root, e.path, trusted))
@@ -497,13 +528,9 @@ def _apply(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -
     stats.files_unchanged += plan.unchanged
 
 
-def _apply_last(store, m: mf.Manifest, plan: RestorePlan, stats: RestoreStats, bar) -> None:
-    """After sources are normalized: fingerprint files (and git checkouts' .cargo-ok), then dir mtimes."""
+def _set_dir_meta(plan: RestorePlan) -> None:
+    """Step 5, last: directory modes and mtimes (creating entries changed them)."""
     root = plan.spec_path
-    fp = _written_last
-    _write_files(store, m, root, [e for e in plan.write if e.type == "f" and fp(e.path)], stats, bar,
-                 _trusted_depth(plan))
-    # 4. directory mtimes last: creating entries above changed them
     dirs = [e for e in plan.root.entries if e.type == "d"]
     for e in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
         p = root / e.path
@@ -528,7 +555,7 @@ def _set_meta(path: Path, e: mf.Entry, have: scan.Found) -> None:
 
 def _written_last(rel: str) -> bool:
     """Files that vouch for others: cargo fingerprints, and the `.cargo-ok` cargo trusts a git
-    checkout by. They are removed first when they change and written after everything else."""
+    checkout by. They are removed first when they change and put in place after everything else."""
     return cargo_layout.is_fingerprint_path(rel) or rel.endswith("/.cargo-ok")
 
 
@@ -555,63 +582,159 @@ def _inside(root: Path, rel: str, trusted: int = 0) -> Path:
     return root / rel
 
 
-def _remove_path(p: Path) -> None:
+class _SafeDirs:
+    """Makes the dirs below a root, each checked and created once. Nothing is written through
+    a symlinked dir (it could lead out of the root), except in the first `trusted` components
+    (the user's setup). Make a new one after removing things: it remembers what it checked."""
+
+    def __init__(self, root: Path, trusted: int):
+        self.root, self.trusted = str(root), trusted
+        self.done = {""}
+
+    def make(self, rel_dir: str) -> None:
+        if rel_dir in self.done:
+            return
+        self.make(rel_dir.rpartition("/")[0])
+        path = f"{self.root}/{rel_dir}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if rel_dir.count("/") >= self.trusted and os.path.islink(path):
+                raise RsnapError(f"refusing to restore into {rel_dir}: {path} is a symlink", EXIT_WORKSPACE) from None
+            if not os.path.isdir(path):
+                raise
+        self.done.add(rel_dir)
+
+
+def _remove_path(p) -> None:
     try:
-        if p.is_dir() and not p.is_symlink():
+        if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p)
         else:
-            p.unlink()
+            os.unlink(p)
     except FileNotFoundError:
         pass
 
 
-def _write_files(store, m: mf.Manifest, root: Path, entries: list[mf.Entry], stats: RestoreStats, bar,
-                 trusted: int = 0) -> None:
-    """Fetch blobs pack by pack (coalesced reads), write each file atomically."""
-    by_pack: dict[str, list[mf.Entry]] = {}
-    for e in entries:
-        by_pack.setdefault(m.blobs[e.digest][0], []).append(e)
+@dataclass
+class _File:
+    """A file to write. One written last waits under its temp name until step 4."""
+    root: str
+    entry: mf.Entry
+    last: bool
 
-    # each parent dir is checked (no symlink on the way out of the root) and created once
-    for parent in sorted({e.path.rsplit("/", 1)[0] for e in entries if "/" in e.path}):
-        _inside(root, parent + "/-", trusted).parent.mkdir(parents=True, exist_ok=True)
+    @property
+    def dest(self) -> str:
+        return f"{self.root}/{self.entry.path}"
 
-    def restore_pack(item):
-        pack_id, pack_entries = item
-        for e, frame in _pack_frames(store, m, pack_id, pack_entries):
-            _write_atomic(root / e.path, frame, e, pack_id)
+
+@dataclass
+class _Task:
+    """Files whose blobs lie in one range of one pack: one read, one unit of work for the pool."""
+    pack_id: str
+    start: int
+    end: int
+    files: list[_File] = field(default_factory=list)
+    cost: int = 0
+
+
+TASK_COST = 4 << 20     # split restore work into tasks of about this cost (bytes written, plus...)
+FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as much as writing 256 KiB
+READ_GAP = 256 << 10    # blobs further apart in a pack than this are read separately
+
+
+def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar) -> list[_File]:
+    """Step 3: write every file, in size-balanced tasks on a thread pool. Data files are renamed
+    into place; files written last (fingerprints, .cargo-ok) are returned still under their
+    temp names, for `_put_in_place` after sources are normalized."""
+    files = []
+    for plan in plans:
+        dirs = _SafeDirs(plan.spec_path, _trusted_depth(plan))
+        root = str(plan.spec_path)
+        for e in plan.write:
+            if e.type == "d":
+                dirs.make(e.path)
+            elif e.type == "f":
+                dirs.make(e.path.rpartition("/")[0])
+                files.append(_File(root, e, _written_last(e.path)))
+    held_back: list[_File] = []
+
+    def run(task: _Task) -> _Task:
+        span = memoryview(store.get_range(repo.pack_name(task.pack_id), task.start, task.end - task.start))
+        for f in task.files:
+            _pack, off, clen, _size = m.blobs[f.entry.digest]
+            _write_atomic(f.dest, span[off - task.start:off - task.start + clen], f.entry, task.pack_id,
+                          keep_temp=f.last)
+            if f.last:
+                held_back.append(f)
             faults.point("restore.write")
-        return pack_entries
+        return task
 
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for done in pool.map(restore_pack, by_pack.items()):
-            for e in done:
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+    try:
+        for task in pool.map(run, _tasks(m, files)):
+            for f in task.files:
                 stats.files_written += 1
-                stats.bytes_written += e.size
-                bar.advance(e.size)
+                stats.bytes_written += f.entry.size
+                bar.advance(f.entry.size)
+    except BaseException:
+        pool.shutdown(cancel_futures=True)  # waits for the tasks already running
+        _discard(held_back)
+        raise
+    pool.shutdown()
+    return held_back
 
 
-def _pack_frames(store, m: mf.Manifest, pack_id: str, entries: list[mf.Entry]):
-    """(entry, compressed frame) for entries whose blobs live in one pack; nearby blobs are
-    fetched with one coalesced read."""
-    locs = sorted({m.blobs[e.digest][1]: m.blobs[e.digest] for e in entries}.values(), key=lambda l: l[1])
-    needed = sum(l[2] for l in locs)
-    start, end = locs[0][1], max(l[1] + l[2] for l in locs)
-    name = repo.pack_name(pack_id)
-    if end - start <= 2 * needed + (1 << 20):
-        span = memoryview(store.get_range(name, start, end - start))
-        for e in entries:
-            _pack, off, clen, _size = m.blobs[e.digest]
-            yield e, span[off - start:off - start + clen]
-        return
-    for e in entries:
-        _pack, off, clen, _size = m.blobs[e.digest]
-        yield e, store.get_range(name, off, clen)
+def _tasks(m: mf.Manifest, files: list[_File]) -> list[_Task]:
+    """Contiguous runs of blobs in each pack, cut at about TASK_COST; most costly first, so the
+    pool does not end with one thread working on a big task while the others wait."""
+    by_pack: dict[str, list[_File]] = {}
+    for f in files:
+        by_pack.setdefault(m.blobs[f.entry.digest][0], []).append(f)
+    tasks = []
+    for pack_id, group in by_pack.items():
+        group.sort(key=lambda f: m.blobs[f.entry.digest][1])
+        task = None
+        for f in group:
+            _pack, off, clen, size = m.blobs[f.entry.digest]
+            if task is None or task.cost >= TASK_COST or off > task.end + READ_GAP:
+                task = _Task(pack_id, off, off + clen)
+                tasks.append(task)
+            task.end = max(task.end, off + clen)
+            task.files.append(f)
+            task.cost += size + FILE_COST
+    tasks.sort(key=lambda t: t.cost, reverse=True)
+    return tasks
 
 
-def _write_atomic(dest: Path, frame, e: mf.Entry, pack_id: str) -> None:
-    """Decompress a blob into a temp file beside dest (parent dir must exist), rename it over dest."""
-    tmp = dest.parent / f".{dest.name}.rsnap-tmp"
+def _put_in_place(held_back: list[_File], plans: list[RestorePlan]) -> None:
+    """Step 4: rename the files written last from their temp names into place."""
+    dirs = {str(p.spec_path): _SafeDirs(p.spec_path, _trusted_depth(p)) for p in plans}
+    while held_back:
+        f = held_back[-1]
+        dirs[f.root].make(f.entry.path.rpartition("/")[0])
+        _replace(_temp_name(f.dest), f.dest)
+        held_back.pop()
+        faults.point("restore.publish")
+
+
+def _discard(held_back: list[_File]) -> None:
+    """Temp files of a restore that failed: they would only be debris."""
+    for f in held_back:
+        with contextlib.suppress(OSError):
+            os.unlink(_temp_name(f.dest))
+
+
+def _temp_name(dest: str) -> str:
+    parent, _, name = dest.rpartition("/")
+    return f"{parent}/.{name}.rsnap-tmp"
+
+
+def _write_atomic(dest: str, frame, e: mf.Entry, pack_id: str, keep_temp: bool = False) -> None:
+    """Decompress a blob into a temp file beside dest (parent dir must exist) and rename it over
+    dest; with `keep_temp`, leave it under the temp name, with atime == mtime (armed for gc, see
+    rsnap.usage: these are the fingerprint files)."""
+    tmp = _temp_name(dest)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
@@ -622,22 +745,25 @@ def _write_atomic(dest: Path, frame, e: mf.Entry, pack_id: str) -> None:
         try:
             repo.write_blob(frame, fd, e.digest, e.size, f"pack {pack_id}")
             os.fchmod(fd, e.mode)
-            os.utime(fd, ns=(time.time_ns(), e.mtime_ns))
+            os.utime(fd, ns=(e.mtime_ns if keep_temp else time.time_ns(), e.mtime_ns))
         except OSError as err:
-            raise OSError(err.errno, err.strerror, str(dest)) from None
+            raise OSError(err.errno, err.strerror, dest) from None
         finally:
             os.close(fd)
-        try:
-            os.replace(tmp, dest)
-        except IsADirectoryError:
-            shutil.rmtree(dest)
-            os.replace(tmp, dest)
+        if not keep_temp:
+            _replace(tmp, dest)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
+
+
+def _replace(tmp: str, dest: str) -> None:
+    try:
+        os.replace(tmp, dest)
+    except IsADirectoryError:
+        shutil.rmtree(dest)
+        os.replace(tmp, dest)
 
 
 def _link_atomic(first: Path, dest: Path) -> None:
@@ -658,11 +784,12 @@ def _remember_restored(plan: RestorePlan) -> None:
     if plan.root.merge:
         cache.load()
     digests = {e.path: e.digest for e in plan.root.entries if e.type == "f"}
+    root = str(plan.spec_path)
     for e in plan.root.entries:
         digest = digests.get(e.digest) if e.type == "h" else digests.get(e.path)
         if digest is not None:
             try:
-                cache.remember_path(e.path, plan.spec_path / e.path, digest)
+                cache.remember_path(e.path, f"{root}/{e.path}", digest)
             except OSError:
                 pass
     cache.save()

@@ -7,19 +7,20 @@ Two independent signals, both recorded under `<target>/.rsnap/` (never snapshott
    and its `dep-*` file while deciding freshness, for every unit of the build graph,
    before compiling anything (so also when the build then fails). Units that are not
    in the graph are never read. Under `relatime` (the Linux default) a read only
-   updates atime when atime <= mtime (or ctime, or the atime is a day old). Restore
-   writes files with atime = now > mtime, so an un-armed target would *not* record
-   reads. `arm()` therefore sets atime := mtime on every fingerprint file and
-   records the time (`usage.json`); from then on, any read by cargo moves atime to
-   "now" and any rebuild moves mtime to "now". `arm()` first probes the filesystem
+   updates atime when atime <= mtime (or ctime, or the atime is a day old). A file
+   read since it was written has atime > mtime, so an un-armed target would *not*
+   record further reads. `arm()` therefore sets atime := mtime on every fingerprint
+   file (restore writes its fingerprint files that way already) and records the time
+   (`usage.json`); from then on, any read by cargo moves atime to "now" and any
+   rebuild moves mtime to "now". `arm()` first probes the filesystem
    (a probe file with atime == mtime is read back): on `noatime` mounts, some
    overlay/FUSE/network filesystems, the probe fails and the atime signal is off.
    Measured here (ext4, relatime): a no-op `cargo build` after arming moved the
    atime of every unit's hash and dep-info files; units of another feature set /
    profile / dependency version kept atime == mtime.
    rsnap itself reads hash files with O_NOATIME, so `rsnap gc --dry-run` does not
-   disturb the signal; `rsnap save` reads changed files normally, so arm again after
-   saving (`arm()` at the end of save) before the next GC on a persistent runner.
+   disturb the signal; `rsnap save` reads changed files normally, so it arms again
+   (before releasing cargo's locks, keeping its stat cache valid: see `retimed`).
 
 2. **`rsnap cargo <args>`**, an exact log. `run_cargo()` runs cargo with
    `--message-format=json-render-diagnostics` (human diagnostics still go to
@@ -127,10 +128,42 @@ def probe_atime(directory: Path) -> dict:
 
 # ---------------------------------------------------------------- fingerprint files
 
+# dirs in a target dir that are never a profile dir
+NOT_PROFILE = {RSNAP_DIR, "doc", "package", "tmp", "incremental", "deps", "build", ".fingerprint", "examples"}
+
+
+def profile_dirs(root: Path) -> list[Path]:
+    """`<root>/<profile>` and `<root>/<triple>/<profile>` dirs holding cargo units."""
+    out = []
+    root = Path(root)
+    for d1 in _scandir(root):
+        if not d1.is_dir(follow_symlinks=False) or d1.name in NOT_PROFILE:
+            continue
+        p1 = Path(d1.path)
+        if _looks_like_profile(p1):
+            out.append(p1)
+            continue
+        for d2 in _scandir(p1):
+            if d2.is_dir(follow_symlinks=False) and d2.name not in NOT_PROFILE and _looks_like_profile(Path(d2.path)):
+                out.append(Path(d2.path))
+    return sorted(out)
+
+
+def _looks_like_profile(p: Path) -> bool:
+    if (p / ".fingerprint").is_dir() or (p / "deps").is_dir() or (p / "incremental").is_dir():
+        return True
+    for pkg in _scandir(p / "build"):
+        if _HASHED.match(pkg.name):
+            return True
+        for h in _scandir(Path(pkg.path)):
+            if _HEX16.match(h.name) and (Path(h.path) / "fingerprint").is_dir():
+                return True
+    return False
+
+
 def fingerprint_dirs(root: Path):
     """Every unit fingerprint dir under a target/build root, both layouts."""
-    from . import gc  # local import: gc imports this module
-    for profile in gc.profile_dirs(root):
+    for profile in profile_dirs(root):
         fp = profile / ".fingerprint"
         if fp.is_dir():
             for de in _scandir(fp):
@@ -152,12 +185,14 @@ def _scandir(path: Path):
         return []
 
 
-def arm(ws, now_ns: int | None = None) -> dict:
+def arm(ws, now_ns: int | None = None, retimed: list | None = None) -> dict:
     """Start a usage epoch: atime := mtime on all fingerprint files, record the time.
 
     Call at the end of `rsnap restore` (hit or miss) and at the end of `rsnap save`.
-    Cheap: one utime per fingerprint file (a few per unit). Changing atime touches
-    ctime, so the next save re-hashes these small files (the stat cache key has ctime).
+    Cheap: one utime per fingerprint file (a few per unit) whose atime differs (restore
+    writes them armed). Changing atime touches ctime, which the stat cache keys on: pass
+    `retimed` to get (path, stat before, stat after) of every file re-timed, so a caller
+    holding cargo's locks can keep the stat cache valid (snapshot.save does).
     """
     started = time.monotonic()
     armed_ns = now_ns if now_ns is not None else time.time_ns()
@@ -176,6 +211,8 @@ def arm(ws, now_ns: int | None = None) -> dict:
                         st = de.stat(follow_symlinks=False)
                         if st.st_atime_ns != st.st_mtime_ns:
                             os.utime(de.path, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
+                            if retimed is not None:
+                                retimed.append((de.path, st, os.lstat(de.path)))
                         files += 1
                     except OSError:
                         continue
