@@ -116,14 +116,12 @@ class StatCache:
         """rsnap itself changed only the times of `rel` (its ctime moved): keep the digest if
         the entry described the file as it was just before."""
         rec = self.files.get(rel)
-        same_content = (before.st_size, before.st_mtime_ns, before.st_ino) == \
-            (after.st_size, after.st_mtime_ns, after.st_ino)
-        if rec and same_content and rec[:4] == [before.st_size, before.st_mtime_ns, before.st_ino, before.st_ctime_ns]:
-            self.files[rel] = [after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns, rec[4]]
+        old, new = _stat_key(before), _stat_key(after)
+        if rec and rec[:4] == old and new[:3] == old[:3]:
+            self.files[rel] = new + [rec[4]]
 
     def remember_path(self, rel: str, abs_path, digest: str) -> None:
-        st = os.lstat(abs_path)
-        self.files[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest]
+        self.files[rel] = _stat_key(os.lstat(abs_path)) + [digest]
 
     def save(self) -> None:
         try:
@@ -141,3 +139,8 @@ class StatCache:
             self.path.unlink()
         except OSError:
             pass
+
+
+def _stat_key(st: os.stat_result) -> list:
+    """What the stat cache compares: size, mtime, inode, ctime (any write moves ctime)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]

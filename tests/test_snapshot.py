@@ -155,6 +155,24 @@ def test_saving_after_a_small_change_writes_little(saved, tmp_path):
     assert res["files_hashed"] < res["files"] / 2, res
 
 
+def test_save_after_save_rehashes_only_what_cargo_rewrote(saved, tmp_path):
+    """Arming gc's usage tracking re-times fingerprint files (their ctime moves); the save that
+    arms keeps its stat cache valid across that, so the next save does not re-hash them."""
+    ws, pristine = saved
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 4;")
+    ws.build("build", "--offline")
+    first = rsnap(ws, store, "save", "--json").check().data
+    ws.build("build", "--offline")   # fresh: reads every fingerprint (moving atimes), rewrites uplifted .d files
+    again = rsnap(ws, store, "save", "--json").check().data
+    fingerprints = sum(1 for p in ws.target.rglob("*") if ".fingerprint" in p.parts and p.is_file())
+    assert again["blobs_new"] == 0, again
+    assert again["files_hashed"] <= 10 < fingerprints, (first, again, fingerprints)
+
+
 def test_relocated_snapshot_is_a_miss_unless_allowed(saved, tmp_path):
     ws, store = saved
     cold_runner(ws)
