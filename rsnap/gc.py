@@ -286,6 +286,14 @@ def _tree_bytes(path: Path) -> int:
     return _dir_bytes(path) if stat.S_ISDIR(st.st_mode) else st.st_size
 
 
+def _file_bytes(entry) -> int:
+    """Size of a regular file (a DirEntry), 0 for anything else."""
+    try:
+        return entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
+    except OSError:
+        return 0
+
+
 def _dir_bytes(path) -> int:
     """Like summing lstat sizes over os.walk: symlinks to dirs are neither followed nor counted."""
     total = 0
@@ -947,15 +955,16 @@ def collect_cargo_home(ws, *, dry_run: bool = False, epoch_ns: int | None = None
     plan: list[tuple[Path, str, str, str]] = []   # path, table, parent, name
 
     def judge(entry, table: str, parent: str, referenced: bool, removable: bool) -> None:
-        """Keep what Cargo.lock references or cargo used since the epoch; plan to remove the rest."""
-        b = _tree_bytes(Path(entry.path))
+        """Keep what Cargo.lock references or cargo used since the epoch; plan to remove the rest.
+        Kept directories (extracted sources, git dbs and checkouts) are not sized: walking them
+        cost more than the rest of a save's GC, so kept bytes count files (.crate) only."""
         if referenced:
-            rep.keep("referenced", b)
+            rep.keep("referenced", _file_bytes(entry))
         elif entry.name in recent[table]:
-            rep.keep("used-since-restore", b)
+            rep.keep("used-since-restore", _file_bytes(entry))
         elif removable:
             plan.append((Path(entry.path), table, parent, entry.name))
-            rep.remove("cargo-home-unreferenced", b)
+            rep.remove("cargo-home-unreferenced", _tree_bytes(Path(entry.path)))
 
     for reg in _scandir(home / "registry" / "cache"):
         for f in _scandir(Path(reg.path)):
@@ -1130,7 +1139,8 @@ def format_report(r: dict) -> str:
             lines.append(f"  CARGO_HOME: skipped ({ch['skipped']})")
         else:
             lines.append(f"  CARGO_HOME: {verb} {ch['removed']['units']} ({human_bytes(ch['removed']['bytes'])}), "
-                         f"kept {ch['kept']['units']} ({human_bytes(ch['kept']['bytes'])}); bin/ untouched")
+                         f"kept {ch['kept']['units']} (.crate files {human_bytes(ch['kept']['bytes'])}); "
+                         "bin/ untouched")
     if r.get("size_cap") and not r["size_cap"].get("reached", True):
         lines.append(f"  size cap {human_bytes(r['size_cap']['max_size'])} not reached: "
                      "the rest is used by the current build")
