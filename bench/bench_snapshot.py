@@ -125,7 +125,7 @@ def tree_size(path: Path) -> tuple[int, int, int]:
 # Each phase returns {row name: {"seconds", "cpu", and maybe "compiled", "bytes", ...}}.
 
 def phase_clean_build(bench: realistic.Realistic) -> dict:
-    shutil.rmtree(bench.target, ignore_errors=True)
+    realistic.retire(bench.target, bench.root)
     build = cargo_build(bench)
     files, size, unique = tree_size(bench.target)
     log(f"clean build {build.time.wall:.1f}s, {build.compiled} units, target {size / 2**20:.0f} MiB in {files} files")
@@ -165,8 +165,12 @@ def cycle_row(restores: list[Timing], builds: list[Build]) -> dict:
 def phase_cycles(bench: realistic.Realistic, archive: Path, store: Path, repeat: int) -> dict:
     naive, fast = [], []
     for i in range(repeat):
-        naive.append(naive_cycle(bench, archive))
-        fast.append(rsnap_cycle(bench, store))
+        if i % 2 == 0:  # alternate which goes first, so neither always follows the other's build
+            naive.append(naive_cycle(bench, archive))
+            fast.append(rsnap_cycle(bench, store))
+        else:
+            fast.append(rsnap_cycle(bench, store))
+            naive.append(naive_cycle(bench, archive))
         (nr, nb), (fr, _, fb) = naive[-1], fast[-1]
         log(f"cycle {i + 1}: naive restore {nr.wall:.2f}s + build {nb.time.wall:.2f}s ({nb.compiled} compiled); "
             f"rsnap restore {fr.wall:.2f}s + build {fb.time.wall:.2f}s ({fb.compiled} compiled)")

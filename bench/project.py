@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from realistic import empty_trash, retire
 
 EDIT_MARKER = "// rsnap bench edit "
 
@@ -44,7 +45,7 @@ class Project:
         return env
 
     def fresh_clone(self) -> None:
-        shutil.rmtree(self.ws, ignore_errors=True)
+        retire(self.ws, self.root)
         subprocess.run(["git", "clone", "-q", str(self.origin), str(self.ws)], check=True)
         if self.lockfile is not None and not (self.ws / "Cargo.lock").exists():
             (self.ws / "Cargo.lock").write_bytes(self.lockfile)
@@ -55,7 +56,7 @@ class Project:
         path.write_text("\n".join(lines + [f"{EDIT_MARKER}{tag}"]) + "\n")
 
     def stop(self) -> None:
-        pass
+        empty_trash(self.root)
 
 
 def default_edit_file(ws: Path, env: dict[str, str]) -> str:
@@ -78,6 +79,7 @@ def setup(root: Path, origin: Path, cargo_home: Path | None, edit_file: str | No
     home = cargo_home or Path(os.environ.get("CARGO_HOME") or Path.home() / ".cargo")
     project = Project(root, origin.resolve(), home.resolve(), edit_file or "", dict(extra_env or {}))
     root.mkdir(parents=True, exist_ok=True)
+    empty_trash(root)
     project.fresh_clone()
     if not project.edit_file:
         project.edit_file = default_edit_file(project.ws, project.env)

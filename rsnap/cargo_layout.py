@@ -71,14 +71,12 @@ def discover(manifest_path: str | None = None, with_deps: bool = False) -> Works
     """Find workspace root, target dir, build dir and CARGO_HOME as cargo does."""
     if manifest_path and not Path(manifest_path).is_file():
         raise RsnapError(f"manifest path {manifest_path} does not exist", EXIT_WORKSPACE)
-    meta = None
-    if with_deps:
+    meta = run_cargo_metadata(manifest_path, no_deps=True)
+    if with_deps and _has_outside_path_packages(Path(meta["workspace_root"]), meta["packages"]):
         try:
             meta = run_cargo_metadata(manifest_path, no_deps=False)
         except RsnapError:
             pass  # offline resolution failed: workspace members are enough
-    if meta is None:
-        meta = run_cargo_metadata(manifest_path, no_deps=True)
     root = Path(meta["workspace_root"])
     target = Path(meta["target_directory"])
     build = Path(meta.get("build_directory") or target)
@@ -92,6 +90,22 @@ def discover(manifest_path: str | None = None, with_deps: bool = False) -> Works
             ws.path_package_dirs.append(d)
             ws.package_dirs_by_name.setdefault(pkg["name"], d)
     return ws
+
+
+def _has_outside_path_packages(root: Path, members: list[dict]) -> bool:
+    """Does Cargo.lock list a path package (no `source`) that is not a workspace member?
+    Only then is the slower, resolving `cargo metadata` needed to find its directory.
+    Without a readable Cargo.lock, assume it does."""
+    try:
+        text = (root / "Cargo.lock").read_text()
+    except (OSError, UnicodeDecodeError):
+        return True
+    names = {p["name"] for p in members}
+    for block in text.split("[[package]]")[1:]:
+        name = re.search(r'^name = "([^"]+)"', block, re.M)
+        if name is None or (not re.search(r"^source = ", block, re.M) and name.group(1) not in names):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- target paths

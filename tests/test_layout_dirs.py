@@ -62,3 +62,69 @@ def test_keep_cargo_home_leaves_disk_alone_but_prunes_the_snapshot(make_workspac
     assert "regdep-1.0.1.crate" in names and "regdep-1.0.0.crate" not in names
     rsnap(ws, store, "save", "--json").check()
     assert not any(p.exists() for p in old), "default save prunes unreferenced downloads"
+
+
+def test_path_dependency_outside_the_workspace_is_normalized(tmp_path):
+    """A path dependency outside the workspace root (repo/extlib beside repo/app) is found by the
+    resolving `cargo metadata`, so its sources are recorded and re-timed: fresh after a fresh
+    clone, rebuilt (never stale) when it was edited."""
+    import subprocess
+    from cargo_util import run_cargo_json
+    from fixtures.tools.common import cargo_env
+
+    origin = tmp_path / "origin"
+    files = {
+        "app/Cargo.toml": '[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n\n'
+                          '[dependencies]\nextlib = { path = "../extlib" }\n',
+        "app/src/main.rs": 'fn main() { println!("{}", extlib::answer()); }\n',
+        "extlib/Cargo.toml": '[package]\nname = "extlib"\nversion = "0.1.0"\nedition = "2021"\n',
+        "extlib/src/lib.rs": "pub fn answer() -> u32 { 41 }\n",
+        # no rerun-if-changed: cargo reruns the script when any file of the package is newer
+        "extlib/build.rs": "fn main() {}\n",
+        "extlib/notes.txt": "read by nobody, checked by cargo\n",
+    }
+    for rel, text in files.items():
+        (origin / rel).parent.mkdir(parents=True, exist_ok=True)
+        (origin / rel).write_text(text)
+    git = lambda *a, cwd=origin: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
+    checkout, store = tmp_path / "checkout", tmp_path / "store"
+    env = cargo_env(tmp_path / "home", RSNAP_STORE=str(store))
+    env.pop("CI", None)
+    subprocess.run(["cargo", "generate-lockfile", "--offline"], cwd=origin / "app", env=env, check=True,
+                   capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repo")
+
+    def fresh_clone():
+        shutil.rmtree(checkout, ignore_errors=True)
+        git("clone", "-q", str(origin), str(checkout), cwd=tmp_path)
+
+    def rsnap_cmd(*args):
+        import json
+        import sys
+        proc = subprocess.run([sys.executable, "-m", "rsnap", *args, "--json"], cwd=checkout / "app", env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def build():
+        return run_cargo_json(checkout / "app", env, "build").check()
+
+    def output():
+        return subprocess.run([str(checkout / "app" / "target" / "debug" / "app")], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    fresh_clone()
+    assert build().compiled() == {"app", "extlib"}
+    saved = rsnap_cmd("save")
+    assert saved["sources"] >= 4
+    fresh_clone()
+    assert rsnap_cmd("restore")["result"] == "exact"
+    again = build()
+    assert again.all_fresh(), again.summary()
+    fresh_clone()
+    (checkout / "extlib" / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    assert rsnap_cmd("restore")["result"] == "exact"
+    assert build().compiled() == {"app", "extlib"}
+    assert output() == "42"
