@@ -186,13 +186,17 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
     with cargo_locks(locks, exclusive=False):
         try:
             with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+                # every root is walked and queued first, and sources are recorded while the
+                # workers hash and compress; results are then collected root by root
+                claims, jobs = _Claims(), []
                 for spec in root_specs(ws, home_excluded):
                     if spec.path.is_dir():
                         caches.append(scan.StatCache(spec.path).load())
-                        roots.append(_save_root(spec, caches[-1], pool, known, writer, blobs, stats, bar))
-                last_pack = pool.submit(writer.flush)  # stored while the sources are recorded
+                        jobs.append(_start_root(spec, caches[-1], pool, known, blobs, claims))
                 sources, source_dirs = mtimes.record_sources(ws)
-                last_pack.result()
+                for job in jobs:
+                    roots.append(_finish_root(job, known, writer, blobs, claims, stats, bar))
+                writer.flush()
             for digest in list(blobs):
                 if blobs[digest] is None:
                     blobs[digest] = writer.locations[digest]
@@ -228,23 +232,45 @@ def _arm_keeping_stat_caches(ws, caches: list[scan.StatCache]) -> None:
                 cache.retimed(path[len(prefix):], before, after)
 
 
-def _save_root(spec: RootSpec, cache: scan.StatCache, pool, known, writer, blobs, stats: SaveStats, bar) -> mf.Root:
+@dataclass
+class _RootJob:
+    """One root of a save in flight: walked, its new or changed files queued on the pool."""
+    spec: RootSpec
+    cache: scan.StatCache
+    found: list[scan.Found]
+    files: list[scan.Found]
+    hard_links: dict[str, str]
+    quick: dict[str, str]
+    pending: dict
+
+
+class _Claims:
+    """Digests some worker is compressing already (shared by all roots of one save)."""
+
+    def __init__(self):
+        self.digests: set[str] = set()
+        self.lock = threading.Lock()
+
+    def claim(self, digest: str) -> bool:
+        with self.lock:
+            if digest in self.digests:
+                return False
+            self.digests.add(digest)
+            return True
+
+
+def _start_root(spec: RootSpec, cache: scan.StatCache, pool, known, blobs, claims: _Claims) -> _RootJob:
+    """Walk a root and queue its new or changed files on the pool (hash, and compress if new)."""
     found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
-    root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
-    claimed: set[str] = set()       # digests some worker is compressing already
-    claim_lock = threading.Lock()
 
     def digest_of(f: scan.Found):
         """Runs in a worker: (digest, compressed-or-None, hashed)."""
-        path = spec.path / f.rel
         digest = cache.digest_for(f)
         if digest is not None and (digest in known or digest in blobs):
             return digest, None, False
-        data, digest = scan.read_and_hash(path)
-        with claim_lock:
-            if digest in known or digest in claimed:
-                return digest, None, True
-            claimed.add(digest)
+        data, digest = scan.read_and_hash(spec.path / f.rel)
+        if digest in known or not claims.claim(digest):
+            return digest, None, True
         return digest, repo.compress(data), True
 
     files, hard_links = _split_hard_links(found)
@@ -254,9 +280,17 @@ def _save_root(spec: RootSpec, cache: scan.StatCache, pool, known, writer, blobs
     # the rest go to the pool biggest first, so that no big file is compressed at the end alone
     todo = sorted((f for f in files if f.rel not in quick), key=lambda f: f.size, reverse=True)
     pending = {f.rel: pool.submit(_guard(digest_of), f) for f in todo}
-    results = ((quick[f.rel], None, False) if f.rel in quick else pending.pop(f.rel).result() for f in files)
+    return _RootJob(spec, cache, found, files, hard_links, quick, pending)
+
+
+def _finish_root(job: _RootJob, known, writer, blobs, claims: _Claims, stats: SaveStats, bar) -> mf.Root:
+    """Collect a root's results in walk order: pack new blobs, build the manifest entries."""
+    spec, cache = job.spec, job.cache
+    root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
+    results = ((job.quick[f.rel], None, False) if f.rel in job.quick else job.pending.pop(f.rel).result()
+               for f in job.files)
     digests: dict[str, str] = {}
-    for f, (digest, compressed, hashed) in zip(files, results):
+    for f, (digest, compressed, hashed) in zip(job.files, results):
         if digest is None:
             continue  # vanished or unreadable during the walk: not part of this snapshot
         digests[f.rel] = digest
@@ -267,7 +301,7 @@ def _save_root(spec: RootSpec, cache: scan.StatCache, pool, known, writer, blobs
             cache.remember(f, digest)
         if digest in known:
             blobs[digest] = known[digest]
-        elif digest not in blobs and (compressed is not None or digest not in claimed):
+        elif digest not in blobs and (compressed is not None or digest not in claims.digests):
             if compressed is None:
                 data, digest2 = scan.read_and_hash(spec.path / f.rel)
                 compressed = repo.compress(data) if digest2 == digest else None
@@ -280,10 +314,10 @@ def _save_root(spec: RootSpec, cache: scan.StatCache, pool, known, writer, blobs
             stats.bytes_new += f.size
         bar.advance(f.size)
         faults.point("save.file")
-    for f in found:
-        if f.type == "f" and f.rel in hard_links:
-            if hard_links[f.rel] in digests:
-                root.entries.append(mf.Entry(f.rel, "h", f.mode, f.size, f.mtime_ns, hard_links[f.rel]))
+    for f in job.found:
+        if f.type == "f" and f.rel in job.hard_links:
+            if job.hard_links[f.rel] in digests:
+                root.entries.append(mf.Entry(f.rel, "h", f.mode, f.size, f.mtime_ns, job.hard_links[f.rel]))
         elif f.type == "f":
             if f.rel in digests:
                 root.entries.append(mf.Entry(f.rel, "f", f.mode, f.size, f.mtime_ns, digests[f.rel]))
