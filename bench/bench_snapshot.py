@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, help="work dir (default $RSNAP_BENCH_DIR, else /tmp/rsnap-bench, "
                         "or /tmp/rsnap-bench-project with --project)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
     parser.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=None,
                         help="set CARGO_INCREMENTAL=1/0 for every build (default: cargo's default, on for dev)")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import prefetch
 from .errors import RsnapError, EXIT_WORKSPACE
 
 # Files cargo recreates or uses as locks; never saved, never restored, never deleted.
@@ -50,21 +50,14 @@ def cargo_home() -> Path:
 
 
 def run_cargo_metadata(manifest_path: str | None, no_deps: bool) -> dict:
-    cmd = ["cargo", "metadata", "--format-version", "1"]
-    if no_deps:
-        cmd.append("--no-deps")
-    else:
-        cmd.append("--offline")
-    if manifest_path:
-        cmd += ["--manifest-path", manifest_path]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
+        code, stdout, stderr = prefetch.run(prefetch.metadata_cmd(manifest_path, no_deps))
+    except OSError:
         raise RsnapError("cargo was not found on PATH", EXIT_WORKSPACE) from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["cargo metadata failed"])[-1]
+    if code != 0:
+        last = (stderr.strip().splitlines() or ["cargo metadata failed"])[-1]
         raise RsnapError(f"cannot read the cargo workspace: {last}", EXIT_WORKSPACE)
-    return json.loads(proc.stdout)
+    return json.loads(stdout)
 
 
 def discover(manifest_path: str | None = None, with_deps: bool = False) -> Workspace:

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from . import keys, repo, snapshot
+from . import keys, prefetch, repo, snapshot
 from .cargo_layout import discover, RSNAP_DIR
 from .errors import RsnapError, StoreError, EXIT_USAGE
 from .progress import human_bytes
@@ -30,9 +30,8 @@ def key_and_inputs(ws, key: str | None):
 
 
 def _discover(manifest_path: str | None, with_deps: bool = False):
-    """cargo metadata, with `rustc -vV` for the key running alongside in the likely workspace root."""
-    guess = os.path.dirname(os.path.abspath(manifest_path)) if manifest_path else os.getcwd()
-    keys.start_rustc_version(guess)
+    """cargo metadata, with `rustc -vV` for the key running alongside (rsnap.prefetch)."""
+    prefetch.start_discovery(manifest_path)
     return discover(manifest_path, with_deps=with_deps)
 
 

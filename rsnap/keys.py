@@ -16,6 +16,7 @@ from pathlib import Path
 
 import xxhash
 
+from . import prefetch
 from .errors import RsnapError, EXIT_USAGE, EXIT_WORKSPACE
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9._+=-]{1,200}$")
@@ -41,36 +42,18 @@ def _h(data: bytes | str, n: int) -> str:
     return xxhash.xxh3_128_hexdigest(data)[:n]
 
 
-_started: dict[str | None, subprocess.Popen] = {}
-
-
-def start_rustc_version(cwd: str | None) -> None:
-    """Start `rustc -vV` in `cwd` in the background, so it overlaps `cargo metadata`."""
-    if cwd in _started:
-        return
-    rustc = os.environ.get("RUSTC") or "rustc"
-    try:
-        _started[cwd] = subprocess.Popen([rustc, "-vV"], cwd=cwd, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
-    except OSError:
-        pass  # rustc_version reports it
-
-
 @functools.lru_cache(maxsize=None)
 def rustc_version(cwd: str | None = None) -> str:
     """`rustc -vV` as cargo would run it (honours RUSTC and rustup overrides in `cwd`)."""
-    rustc = os.environ.get("RUSTC") or "rustc"
-    start_rustc_version(cwd)
-    proc = _started.pop(cwd, None)
-    if proc is None:
-        raise RsnapError(f"{rustc} was not found on PATH", EXIT_WORKSPACE)
+    cmd = prefetch.rustc_version_cmd()
     try:
-        stdout, stderr = proc.communicate(timeout=120)
+        code, stdout, stderr = prefetch.run(cmd, cwd, timeout=120)
+    except OSError:
+        raise RsnapError(f"{cmd[0]} was not found on PATH", EXIT_WORKSPACE) from None
     except subprocess.TimeoutExpired:
-        proc.kill()
-        raise RsnapError(f"{rustc} -vV did not answer in 120 s", EXIT_WORKSPACE) from None
-    if proc.returncode != 0:
-        raise RsnapError(f"{rustc} -vV failed: {stderr.strip()[:200]}", EXIT_WORKSPACE)
+        raise RsnapError(f"{cmd[0]} -vV did not answer in 120 s", EXIT_WORKSPACE) from None
+    if code != 0:
+        raise RsnapError(f"{cmd[0]} -vV failed: {stderr.strip()[:200]}", EXIT_WORKSPACE)
     return stdout
 
 
