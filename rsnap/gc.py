@@ -64,6 +64,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import shutil
@@ -333,6 +334,25 @@ def _read_noatime(path: Path) -> bytes:
                 break
             chunks.append(b)
         return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _contains_noatime(path: Path, needles: list[bytes]) -> list[bool]:
+    """Which needles occur in the file (mapped, not read: session rmeta files run to megabytes)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
+    try:
+        try:
+            fd = os.open(path, flags)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return [False] * len(needles)
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+            return [data.find(n) >= 0 for n in needles]
+    except (OSError, ValueError):  # empty file, or not mappable
+        return [False] * len(needles)
     finally:
         os.close(fd)
 
@@ -692,11 +712,8 @@ def _match_incremental(inv: Inventory, sig: usage.Signals) -> None:
         cands = by_crate.get((str(cd.profile), cd.crate), [])
         rmeta = cd.newest.path / "metadata.rmeta"
         if cands and rmeta.is_file():
-            try:
-                data = _read_noatime(rmeta)
-            except OSError:
-                data = b""
-            hits = [u for u in cands if u.hash.encode() in data and u.uid not in taken]
+            found = _contains_noatime(rmeta, [u.hash.encode() for u in cands])
+            hits = [u for u, hit in zip(cands, found) if hit and u.uid not in taken]
             if hits:
                 cd.owner = hits[0]
                 taken.add(hits[0].uid)
