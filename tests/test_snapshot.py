@@ -7,13 +7,12 @@ restores, and checks cargo's own --message-format=json verdicts.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from cargo_util import create_workspace, WORKSPACE_PACKAGES
+from cargo_util import create_workspace
 from rsnap_util import rsnap, one_line_error, stat_tree
 
 # Packages that depend, directly or not, on each workspace crate (fixture layout).
@@ -142,15 +141,20 @@ def test_restore_onto_stale_persistent_target_converges(saved):
     assert ws.run_app() == ws.expected_output
 
 
-def test_saving_after_a_small_change_writes_little(saved, tmp_path):
+def save_after_one_line_change(saved, tmp_path, revision: int):
+    """CI after a one-line commit, on a copy of the store: restore, edit, build, save."""
     ws, pristine = saved
     store = tmp_path / "store"
     shutil.copytree(pristine, store)
     cold_runner(ws)
     rsnap(ws, store, "restore", "--json").check()
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {revision};")
     ws.build("build", "--offline")
-    res = rsnap(ws, store, "save", "--json").check().data
+    return ws, store, rsnap(ws, store, "save", "--json").check().data
+
+
+def test_saving_after_a_small_change_writes_little(saved, tmp_path):
+    _ws, _store, res = save_after_one_line_change(saved, tmp_path, 3)
     assert res["bytes_written"] < 0.25 * res["bytes_total"], res
     assert res["files_hashed"] < res["files"] / 2, res
 
@@ -158,14 +162,7 @@ def test_saving_after_a_small_change_writes_little(saved, tmp_path):
 def test_save_after_save_rehashes_only_what_cargo_rewrote(saved, tmp_path):
     """Arming gc's usage tracking re-times fingerprint files (their ctime moves); the save that
     arms keeps its stat cache valid across that, so the next save does not re-hash them."""
-    ws, pristine = saved
-    store = tmp_path / "store"
-    shutil.copytree(pristine, store)
-    cold_runner(ws)
-    rsnap(ws, store, "restore", "--json").check()
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 4;")
-    ws.build("build", "--offline")
-    first = rsnap(ws, store, "save", "--json").check().data
+    ws, store, first = save_after_one_line_change(saved, tmp_path, 4)
     ws.build("build", "--offline")   # fresh: reads every fingerprint (moving atimes), rewrites uplifted .d files
     again = rsnap(ws, store, "save", "--json").check().data
     fingerprints = sum(1 for p in ws.target.rglob("*") if ".fingerprint" in p.parts and p.is_file())
