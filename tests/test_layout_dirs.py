@@ -128,3 +128,19 @@ def test_path_dependency_outside_the_workspace_is_normalized(tmp_path):
     assert rsnap_cmd("restore")["result"] == "exact"
     assert build().compiled() == {"app", "extlib"}
     assert output() == "42"
+
+
+def test_manifest_path_from_another_directory(built_workspace, tmp_path):
+    """`--manifest-path` from elsewhere finds the same workspace and key as running in its root;
+    what restore/save start early (cargo metadata, rustc -vV) follows the manifest path."""
+    ws, elsewhere, store = built_workspace, tmp_path / "elsewhere", tmp_path / "store"
+    elsewhere.mkdir()
+    manifest = str(ws.root / "Cargo.toml")
+    here = rsnap(ws, store, "key", "--json").check().data
+    there = rsnap(ws, store, "key", "--manifest-path", manifest, "--json", cwd=elsewhere).check().data
+    assert there["key"] == here["key"]
+    saved = rsnap(ws, store, "save", "--no-gc", "--manifest-path", manifest, "--json", cwd=elsewhere).check().data
+    assert saved["key"] == here["key"] and saved["files"] > 10
+    restored = rsnap(ws, store, "restore", "--manifest-path", manifest, "--json", cwd=elsewhere).check().data
+    assert restored["result"] == "exact" and restored["files_written"] == 0
+    assert ws.build("build", "--offline").all_fresh()
