@@ -451,28 +451,22 @@ def test_permission_errors_are_one_line(scene, tmp_path):
     before = store_files(store)
     _prepare(scene, "c1", False, True, False)
     ws.build("build")
-    victim = next((ws.target / "debug" / "deps").glob("libws_core-*.rlib"))
-    victim.chmod(0)
-    res = run_rsnap(ws, store, "save", preexec_fn=drop_dac_caps)
-    victim.chmod(0o644)
-    assert res.returncode == 4, res.stderr
-    assert "permission denied" in one_line_error(res).lower()
-    assert store_files(store) == before
+    def refused_with(path: Path, mode: int, command: str):
+        """Run `command` with `path` chmod'ed to `mode`: it fails in one line with exit 4."""
+        old_mode = path.stat().st_mode & 0o7777
+        path.chmod(mode)
+        try:
+            res = run_rsnap(ws, store, command, preexec_fn=drop_dac_caps)
+        finally:
+            path.chmod(old_mode)
+        assert res.returncode == 4, res.stderr
+        assert "permission denied" in one_line_error(res).lower()
 
-    fp = ws.target / "debug" / ".fingerprint"
-    fp.chmod(0)
-    res = run_rsnap(ws, store, "save", preexec_fn=drop_dac_caps)
-    fp.chmod(0o755)
-    assert res.returncode == 4, res.stderr
-    assert "permission denied" in one_line_error(res).lower()
+    refused_with(next((ws.target / "debug" / "deps").glob("libws_core-*.rlib")), 0, "save")
     assert store_files(store) == before
-
-    deps = ws.target / "debug" / "deps"
-    deps.chmod(0o555)
-    res = run_rsnap(ws, store, "restore", preexec_fn=drop_dac_caps)
-    deps.chmod(0o755)
-    assert res.returncode == 4, res.stderr
-    assert "permission denied" in one_line_error(res).lower()
+    refused_with(ws.target / "debug" / ".fingerprint", 0, "save")
+    assert store_files(store) == before
+    refused_with(ws.target / "debug" / "deps", 0o555, "restore")
     _assert_correct(ws, "restore into an unwritable dir")
 
     shutil.rmtree(ws.target)
