@@ -127,6 +127,16 @@ def _assert_correct(ws, what: str) -> None:
     assert ws.run_app() == ws.clean_output(), f"STALE build ({what}): {build.summary()}"
 
 
+def _restores_fresh_and_right(ws, store: Path, expected: str) -> dict:
+    """Restore into an empty target dir: nothing compiles, and the program prints `expected`."""
+    shutil.rmtree(ws.target)
+    res = run_rsnap(ws, store, "restore", "--json").check().data
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert ws.run_app() == expected
+    return res
+
+
 def _assert_checkouts_whole(scene: Scene, what: str) -> None:
     """Cargo trusts a git checkout that has `.cargo-ok`: then every file of it must be there."""
     m = repo.read_manifest(LocalStore(scene.store, create=False), _newest(scene.store))
@@ -271,11 +281,7 @@ def test_save_killed_at_any_point_leaves_store_complete(scene, crash_store, whic
     assert after["snapshots"] == before + visible, (name, before, after)
     if killed:
         run_rsnap(ws, crash_store, "save", "--json").check()
-    shutil.rmtree(ws.target)
-    assert run_rsnap(ws, crash_store, "restore", "--json").check().data["result"] == "exact"
-    build = ws.build("build", "--offline")
-    assert build.all_fresh(), build.summary()
-    assert ws.run_app() == expected
+    assert _restores_fresh_and_right(ws, crash_store, expected)["result"] == "exact"
 
 
 def test_gc_killed_at_any_point_is_never_stale(scene):
@@ -559,11 +565,7 @@ def test_save_during_a_real_cargo_build_waits_for_it(scene, tmp_path):
     assert save_done >= cargo_done - 0.5  # save (its gc step, then the scan) waited for cargo's lock
     (ws.root / "slow-build").unlink()
     expected = ws.clean_output()
-    shutil.rmtree(ws.target)
-    run_rsnap(ws, store, "restore").check()
-    build = ws.build("build", "--offline")
-    assert build.all_fresh(), build.summary()
-    assert ws.run_app() == expected
+    _restores_fresh_and_right(ws, store, expected)
     STATS["cargo-lock"]["real-build"] += 1
 
 
@@ -602,12 +604,7 @@ def test_concurrent_saves_to_one_store(scene, registry, gitdep_url, tmp_path):
         STATS["concurrent-saves"]["cases"] += 1
     assert info["snapshots"] == 6
     for w in (ws, ws2):
-        expected = w.run_app()
-        shutil.rmtree(w.target)
-        run_rsnap(w, store, "restore").check()
-        build = w.build("build", "--offline")
-        assert build.all_fresh(), build.summary()
-        assert w.run_app() == expected
+        _restores_fresh_and_right(w, store, w.run_app())
 
 
 def test_prune_during_a_save_never_breaks_the_new_snapshot(scene, tmp_path):
@@ -647,10 +644,7 @@ def test_prune_during_a_save_never_breaks_the_new_snapshot(scene, tmp_path):
     pout, perr = prune.communicate(timeout=120)
     assert prune.returncode == 0, perr
     check_store(store)
-    shutil.rmtree(ws.target)
-    run_rsnap(ws, store, "restore").check()
-    assert ws.build("build", "--offline").all_fresh()
-    assert ws.run_app() == expected
+    _restores_fresh_and_right(ws, store, expected)
     STATS["prune-vs-save"]["cases"] += 1
 
 
