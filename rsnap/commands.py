@@ -95,7 +95,6 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
             if keep_cargo_home and not no_gc else frozenset()
         out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
-        snapshot.arm_usage(ws)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
     emit(as_json, {**out, "store": st.url, "gc": gc_report},

@@ -4,7 +4,8 @@ A manifest lists, per root (target dir, build dir, $CARGO_HOME subset), every en
 as [relpath, type, mode, size, mtime_ns, digest]; `digest` is the xxh3-128 of a
 file's content, a symlink's target, or "" for a directory; an "h" entry is a hard
 link whose digest is the path of a file entry of the same root. `blobs` maps each digest
-to its location [pack, offset, compressed_len, size]. `sources` records the files
+to its location [pack, offset, compressed_len, size]; `chunks` maps the digest of a big file
+stored in pieces (rsnap.chunking) to the digests of its chunks, each a blob. `sources` records the files
 cargo's freshness checks read: [path, type, size, mtime_ns, digest], path relative
 to the workspace root (absolute when outside it).
 
@@ -22,7 +23,7 @@ import zstandard
 from .cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
 from .errors import FormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `chunks` (format 1 manifests are still read)
 MAX_MANIFEST_BYTES = 2 << 30
 MAX_FILE_SIZE = 1 << 40
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
@@ -64,6 +65,7 @@ class Manifest:
     sources: list[list]
     source_dirs: list[str]
     blobs: dict[str, list]
+    chunks: dict[str, list[str]] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     def root(self, name: str) -> Root | None:
@@ -83,7 +85,7 @@ def dumps(m: Manifest) -> bytes:
         "cargo_home": m.cargo_home, "key_inputs": m.key_inputs,
         "roots": [{"name": r.name, "path": r.path, "merge": r.merge,
                    "entries": [e.to_list() for e in r.entries]} for r in m.roots],
-        "sources": m.sources, "source_dirs": m.source_dirs, "blobs": m.blobs,
+        "sources": m.sources, "source_dirs": m.source_dirs, "blobs": m.blobs, "chunks": m.chunks,
     }
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return zstandard.ZstdCompressor(level=6).compress(raw)
@@ -98,11 +100,12 @@ def loads(data: bytes) -> Manifest:
         raise FormatError(f"snapshot manifest is malformed ({type(e).__name__}: {e})"[:300]) from None
 
 
-def loads_blobs(data: bytes) -> dict[str, list]:
-    """Only the blob table of a manifest, validated (what a save dedupes against)."""
+def loads_blob_tables(data: bytes) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Only the blob and chunk tables of a manifest, validated (what a save dedupes against)."""
     doc = _parse(data)
     try:
-        return _check_blobs(doc["blobs"])
+        blobs = _check_blobs(doc["blobs"])
+        return blobs, _check_chunks(doc.get("chunks", {}), blobs)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
         raise FormatError(f"snapshot manifest is malformed ({type(e).__name__}: {e})"[:300]) from None
 
@@ -137,8 +140,24 @@ def _check_blobs(blobs) -> dict[str, list]:
     return blobs
 
 
+def _check_chunks(chunks, blobs: dict[str, list]) -> dict[str, list[str]]:
+    _require(isinstance(chunks, dict), "chunks must be an object")
+    for digest, parts in chunks.items():
+        _require(_DIGEST.match(digest), f"bad chunked file digest {digest!r}")
+        _require(isinstance(parts, list) and parts, f"bad chunk list for {digest}")
+        for part in parts:
+            _require(isinstance(part, str) and part in blobs, f"chunk of {digest} has no blob")
+    return chunks
+
+
+def chunked_size(chunks: list[str], blobs: dict[str, list]) -> int:
+    return sum(blobs[c][3] for c in chunks)
+
+
 def _build(doc: dict) -> Manifest:
     blobs = _check_blobs(doc["blobs"])
+    chunks = _check_chunks(doc.get("chunks", {}), blobs)
+    chunked_sizes = {digest: chunked_size(parts, blobs) for digest, parts in chunks.items()}
     roots = []
     _require(isinstance(doc["roots"], list), "roots must be a list")
     for r in doc["roots"]:
@@ -147,7 +166,7 @@ def _build(doc: dict) -> Manifest:
         _require(all(o.name != name for o in roots), f"root {name} appears twice")
         _require(bool(r.get("merge")) == (name == "cargo_home"), f"bad merge flag for root {name}")
         _require(isinstance(r["entries"], list), "entries must be a list")
-        entries = [_entry(e, blobs) for e in r["entries"]]
+        entries = [_entry(e, blobs, chunked_sizes) for e in r["entries"]]
         _check_tree(name, entries)
         roots.append(Root(name=name, path=str(r["path"]), entries=entries, merge=name == "cargo_home"))
     sources = doc.get("sources", [])
@@ -169,7 +188,7 @@ def _build(doc: dict) -> Manifest:
         format=doc["format"], rsnap_version=str(doc.get("rsnap_version", "?")), key=str(doc["key"]),
         created_ns=created_ns, workspace_root=str(doc["workspace_root"]),
         cargo_home=str(doc["cargo_home"]), key_inputs=dict(doc.get("key_inputs", {})),
-        roots=roots, sources=sources, source_dirs=source_dirs, blobs=blobs,
+        roots=roots, sources=sources, source_dirs=source_dirs, blobs=blobs, chunks=chunks,
     )
 
 
@@ -204,7 +223,7 @@ def _check_source_path(path) -> None:
     _require(".." not in path.split("/") and path != "/", f"bad source path {path!r}")
 
 
-def _entry(raw, blobs: dict) -> Entry:
+def _entry(raw, blobs: dict, chunked_sizes: dict[str, int]) -> Entry:
     _require(isinstance(raw, list) and len(raw) == 6, "bad entry")
     path, typ, mode, size, mtime_ns, digest = raw
     check_relpath(path)
@@ -213,9 +232,11 @@ def _entry(raw, blobs: dict) -> Entry:
     _require(isinstance(size, int) and 0 <= size <= MAX_FILE_SIZE, f"bad size for {path}")
     _require(isinstance(mtime_ns, int) and 0 <= mtime_ns < 1 << 63, f"bad mtime for {path}")
     _require(isinstance(digest, str), f"bad digest for {path}")
-    if typ == FILE:
-        _require(digest in blobs, f"no blob for {path}")
+    if typ == FILE and digest in blobs:
         _require(blobs[digest][3] == size, f"size mismatch for {path}")
+    elif typ == FILE:
+        _require(digest in chunked_sizes, f"no blob for {path}")
+        _require(chunked_sizes[digest] == size, f"size mismatch for {path}")
     elif typ == LINK:
         check_link_target(path, digest)
     elif typ == HARDLINK:

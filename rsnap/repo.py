@@ -5,7 +5,8 @@ Objects:
   snapshots/<key>/<created_ns>-<rand>   zstd JSON manifest (written last, atomically)
 
 A blob is located by its manifest's `blobs` table, so a manifest alone is enough to
-restore. Saves dedupe against the blob tables of recent snapshots.
+restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.chunking).
+Saves dedupe against the blob and chunk tables of recent snapshots.
 """
 from __future__ import annotations
 
@@ -93,9 +94,55 @@ def compress(data: bytes) -> bytes:
     return cctx.compress(data)
 
 
-def write_blob(frame, fd: int, digest: str, size: int, where: str) -> None:
+def compress_many(parts: list) -> list[bytes]:
+    """Compress several blobs (the new chunks of one file), on all cores when there is much."""
+    if sum(len(p) for p in parts) <= BIG_BLOB:
+        return [compress(p) for p in parts]
+    global _chunk_pool
+    with _chunk_pool_lock:
+        if _chunk_pool is None:  # not the save's pool: its workers are the ones waiting here
+            _chunk_pool = ThreadPoolExecutor(max_workers=_BIG_PARAMS.threads, thread_name_prefix="rsnap-zstd")
+    return list(_chunk_pool.map(compress, parts))
+
+
+_chunk_pool = None
+_chunk_pool_lock = threading.Lock()
+
+
+def write_chunks(store, blobs: dict[str, list], chunks: list[str], fd: int, digest: str, size: int) -> None:
+    """Write a chunked file into fd: its chunks in order, each verified, and the whole checked
+    against the file's digest. Adjacent chunks in one pack are fetched with one read."""
+    whole = xxhash.xxh3_128()
+    for pack_id, start, end, run in _chunk_reads(blobs, chunks):
+        span = memoryview(store.get_range(pack_name(pack_id), start, end - start))
+        for part in run:
+            _pack, off, clen, psize = blobs[part]
+            write_blob(span[off - start:off - start + clen], fd, part, psize, f"pack {pack_id}", whole)
+    if whole.hexdigest() != digest or sum(blobs[c][3] for c in chunks) != size:
+        raise StoreError(f"file {digest} assembled from its chunks does not match its digest")
+
+
+CHUNK_READ_GAP = 256 << 10  # chunks further apart in a pack than this are read separately
+
+
+def _chunk_reads(blobs: dict[str, list], chunks: list[str]):
+    """(pack, start, end, chunk digests) for runs of consecutive chunks read together."""
+    reads: list = []
+    for part in chunks:
+        pack_id, off, clen, _size = blobs[part]
+        last = reads[-1] if reads else None
+        if last and last[0] == pack_id and last[2] <= off <= last[2] + CHUNK_READ_GAP:
+            last[2] = off + clen
+            last[3].append(part)
+        else:
+            reads.append([pack_id, off, off + clen, [part]])
+    return reads
+
+
+def write_blob(frame, fd: int, digest: str, size: int, where: str, whole=None) -> None:
     """Decompress one blob's frame into fd in 1 MiB steps (no blob-sized buffers), verifying
-    its size and content hash; raise StoreError (after a partial write) if it is corrupt."""
+    its size and content hash; raise StoreError (after a partial write) if it is corrupt.
+    `whole`, an xxh3 hasher, is fed the content too (a chunked file's whole-file digest)."""
     try:
         if zstandard.frame_content_size(frame) != size:
             raise StoreError(f"blob {digest} in {where} is corrupt (wrong frame size)")
@@ -107,6 +154,8 @@ def write_blob(frame, fd: int, digest: str, size: int, where: str) -> None:
                 if written > size:
                     break
                 h.update(view[:n])
+                if whole is not None:
+                    whole.update(view[:n])
                 _write_all(fd, view[:n])
     except zstandard.ZstdError:
         raise StoreError(f"blob {digest} in {where} is corrupt") from None
@@ -184,26 +233,32 @@ def find_snapshot(store, key: str, prefixes: list[str]) -> tuple[str | None, str
     return None, "miss"
 
 
-def known_blobs(store, blob_tables: list[dict[str, list]]) -> dict[str, list]:
-    """Blob locations saves can reuse, if their packs are still in the store."""
+def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Blob locations saves can reuse, if their packs are still in the store, and the chunk
+    lists of files whose chunks are all among them."""
     known: dict[str, list] = {}
+    known_chunks: dict[str, list[str]] = {}
     live_packs: dict[str, bool] = {}
-    for table in blob_tables:
-        for digest, loc in table.items():
+    for blobs, _chunks in tables:
+        for digest, loc in blobs.items():
             pack = loc[0]
             if pack not in live_packs:
                 live_packs[pack] = store.exists(pack_name(pack))
             if live_packs[pack]:
                 known[digest] = loc
-    return known
+    for _blobs, chunks in tables:
+        for digest, parts in chunks.items():
+            if all(p in known for p in parts):
+                known_chunks[digest] = parts
+    return known, known_chunks
 
 
-def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[dict[str, list]]:
-    """The blob tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
+def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dict, dict]]:
+    """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
     out = []
     for name, _key, _created in list_snapshots(store, key_prefix)[:limit]:
         try:
-            out.append(mf.loads_blobs(store.get(name)))
+            out.append(mf.loads_blob_tables(store.get(name)))
         except (StoreError, FormatError):
             continue
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, cargo_layout, faults, mtimes, repo, scan, usage
+from . import __version__, cargo_layout, chunking, faults, mtimes, repo, scan, usage
 from . import manifest as mf
 from .errors import RsnapError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
 from .progress import Progress
@@ -176,11 +176,13 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
 
 
 def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded) -> dict:
-    known = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
+    known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
     writer = repo.PackWriter(store)
     stats = SaveStats()
     roots, caches = [], []
     blobs: dict[str, list] = {}
+    chunks: dict[str, list[str]] = {}
+    seen = _Seen(known, known_chunks, blobs, chunks)
     bar = Progress("rsnap save", enabled=progress)
     locks = cargo_lock_files(ws) + ([ws.cargo_home / ".package-cache"] if ws.cargo_home.is_dir() else [])
     with cargo_locks(locks, exclusive=False):
@@ -192,10 +194,10 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                 for spec in root_specs(ws, home_excluded):
                     if spec.path.is_dir():
                         caches.append(scan.StatCache(spec.path).load())
-                        jobs.append(_start_root(spec, caches[-1], pool, known, blobs, claims))
+                        jobs.append(_start_root(spec, caches[-1], pool, seen, claims))
                 sources, source_dirs = mtimes.record_sources(ws)
                 for job in jobs:
-                    roots.append(_finish_root(job, known, writer, blobs, claims, stats, bar))
+                    roots.append(_finish_root(job, seen, writer, claims, stats, bar))
                 writer.flush()
             for digest in list(blobs):
                 if blobs[digest] is None:
@@ -205,7 +207,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
             m = mf.Manifest(
                 key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
                 rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
-                source_dirs=source_dirs, blobs=blobs,
+                source_dirs=source_dirs, blobs=blobs, chunks=chunks,
             )
             name = repo.write_manifest(store, m)
             _arm_keeping_stat_caches(ws, caches)
@@ -259,38 +261,74 @@ class _Claims:
             return True
 
 
-def _start_root(spec: RootSpec, cache: scan.StatCache, pool, known, blobs, claims: _Claims) -> _RootJob:
+class _Seen:
+    """What a save can reference without storing it again: the blobs and chunked files of
+    recent snapshots (`known`, `known_chunks`) and those this save has added so far."""
+
+    def __init__(self, known, known_chunks, blobs, chunks):
+        self.known, self.known_chunks, self.blobs, self.chunks = known, known_chunks, blobs, chunks
+
+    def has_file(self, digest: str) -> bool:
+        return digest in self.known or digest in self.known_chunks or digest in self.blobs or digest in self.chunks
+
+    def in_store(self, digest: str) -> bool:
+        return digest in self.known or digest in self.known_chunks
+
+    def reference(self, digest: str) -> None:
+        """Record a stored file content (whole or chunked) of a recent snapshot in this one."""
+        if digest in self.known:
+            self.blobs[digest] = self.known[digest]
+        else:
+            parts = self.chunks[digest] = self.known_chunks[digest]
+            for part in parts:
+                self.blobs[part] = self.known[part]
+
+
+def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims: _Claims) -> _RootJob:
     """Walk a root and queue its new or changed files on the pool (hash, and compress if new)."""
     found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
 
     def digest_of(f: scan.Found):
-        """Runs in a worker: (digest, compressed-or-None, hashed)."""
+        """Runs in a worker: (digest, content, hashed). content: None when the store has it or
+        another worker stores it, else the compressed blob, or for a big file a list of
+        (chunk digest, compressed chunk or None, chunk size)."""
         digest = cache.digest_for(f)
-        if digest is not None and (digest in known or digest in blobs):
+        if digest is not None and seen.has_file(digest):
             return digest, None, False
         data, digest = scan.read_and_hash(spec.path / f.rel)
-        if digest in known or not claims.claim(digest):
+        if seen.in_store(digest) or not claims.claim(digest):
             return digest, None, True
+        if len(data) >= chunking.CHUNK_FROM:
+            return digest, _chunk(data, seen, claims), True
         return digest, repo.compress(data), True
 
     files, hard_links = _split_hard_links(found)
     # unchanged files whose content the store has need no worker (most of a save after a small change)
     cached = [cache.digest_for(f) for f in files]
-    quick = {f.rel: d for f, d in zip(files, cached) if d is not None and d in known}
+    quick = {f.rel: d for f, d in zip(files, cached) if d is not None and seen.in_store(d)}
     # the rest go to the pool biggest first, so that no big file is compressed at the end alone
     todo = sorted((f for f in files if f.rel not in quick), key=lambda f: f.size, reverse=True)
     pending = {f.rel: pool.submit(_guard(digest_of), f) for f in todo}
     return _RootJob(spec, cache, found, files, hard_links, quick, pending)
 
 
-def _finish_root(job: _RootJob, known, writer, blobs, claims: _Claims, stats: SaveStats, bar) -> mf.Root:
+def _chunk(data: bytes, seen: _Seen, claims: _Claims) -> list[tuple[str, bytes | None, int]]:
+    """Cut a big file into chunks; compress those neither stored nor claimed by another worker."""
+    parts = chunking.cut(data)
+    digests = [repo.digest_bytes(p) for p in parts]
+    new = [i for i, d in enumerate(digests) if d not in seen.known and claims.claim(d)]
+    compressed = dict(zip(new, repo.compress_many([parts[i] for i in new])))
+    return [(d, compressed.get(i), len(parts[i])) for i, d in enumerate(digests)]
+
+
+def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: SaveStats, bar) -> mf.Root:
     """Collect a root's results in walk order: pack new blobs, build the manifest entries."""
     spec, cache = job.spec, job.cache
     root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
     results = ((job.quick[f.rel], None, False) if f.rel in job.quick else job.pending.pop(f.rel).result()
                for f in job.files)
     digests: dict[str, str] = {}
-    for f, (digest, compressed, hashed) in zip(job.files, results):
+    for f, (digest, content, hashed) in zip(job.files, results):
         if digest is None:
             continue  # vanished or unreadable during the walk: not part of this snapshot
         digests[f.rel] = digest
@@ -299,19 +337,22 @@ def _finish_root(job: _RootJob, known, writer, blobs, claims: _Claims, stats: Sa
         stats.files_hashed += hashed
         if hashed:
             cache.remember(f, digest)
-        if digest in known:
-            blobs[digest] = known[digest]
-        elif digest not in blobs and (compressed is not None or digest not in claims.digests):
-            if compressed is None:
-                data, digest2 = scan.read_and_hash(spec.path / f.rel)
-                compressed = repo.compress(data) if digest2 == digest else None
-                if compressed is None:
-                    del digests[f.rel]
+        if seen.in_store(digest):
+            seen.reference(digest)
+        elif digest not in seen.blobs and digest not in seen.chunks and (
+                content is not None or digest not in claims.digests):
+            if content is None:  # no worker stores this content: store it here
+                content = _content_now(spec.path / f.rel, digest, seen, claims)
+                if content is None:
+                    del digests[f.rel]  # changed since it was hashed
                     continue
-            writer.add(digest, compressed, f.size)
-            blobs[digest] = None
-            stats.blobs_new += 1
-            stats.bytes_new += f.size
+            if isinstance(content, list):
+                _add_chunked(digest, content, seen, writer, stats)
+            else:
+                writer.add(digest, content, f.size)
+                seen.blobs[digest] = None
+                stats.blobs_new += 1
+                stats.bytes_new += f.size
         bar.advance(f.size)
         faults.point("save.file")
     for f in job.found:
@@ -326,6 +367,23 @@ def _finish_root(job: _RootJob, known, writer, blobs, claims: _Claims, stats: Sa
         elif f.type == "l" and _link_is_safe(f.rel, f.link):
             root.entries.append(mf.Entry(f.rel, "l", 0o777, 0, f.mtime_ns, f.link))
     return root
+def _content_now(path: Path, digest: str, seen: _Seen, claims: _Claims):
+    data, now = scan.read_and_hash(path)
+    if now != digest:
+        return None
+    return _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
+
+
+def _add_chunked(digest: str, parts: list, seen: _Seen, writer, stats: SaveStats) -> None:
+    seen.chunks[digest] = [d for d, _content, _size in parts]
+    for d, content, size in parts:
+        if d in seen.known:
+            seen.blobs[d] = seen.known[d]
+        elif content is not None:
+            writer.add(d, content, size)
+            seen.blobs[d] = None
+            stats.blobs_new += 1
+            stats.bytes_new += size
 
 
 def _split_hard_links(found: list[scan.Found]) -> tuple[list[scan.Found], dict[str, str]]:
@@ -679,8 +737,9 @@ class _File:
 
 @dataclass
 class _Task:
-    """Files whose blobs lie in one range of one pack: one read, one unit of work for the pool."""
-    pack_id: str
+    """Files whose blobs lie in one range of one pack: one read, one unit of work for the pool.
+    A chunked file is a task of its own (pack_id None)."""
+    pack_id: str | None
     start: int
     end: int
     files: list[_File] = field(default_factory=list)
@@ -709,11 +768,10 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     held_back: list[_File] = []
 
     def run(task: _Task) -> _Task:
-        span = memoryview(store.get_range(repo.pack_name(task.pack_id), task.start, task.end - task.start))
+        span = None if task.pack_id is None else \
+            memoryview(store.get_range(repo.pack_name(task.pack_id), task.start, task.end - task.start))
         for f in task.files:
-            _pack, off, clen, _size = m.blobs[f.entry.digest]
-            _write_atomic(f.dest, span[off - task.start:off - task.start + clen], f.entry, task.pack_id,
-                          keep_temp=f.last)
+            _write_atomic(f.dest, f.entry, _content_writer(store, m, f.entry, task, span), keep_temp=f.last)
             if f.last:
                 held_back.append(f)
             faults.point("restore.write")
@@ -734,13 +792,26 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     return held_back
 
 
+def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span) -> Callable[[int], None]:
+    """What writes e's content into a file descriptor: its blob from the task's span of a pack,
+    or its chunks (a chunked file is a task of its own and reads them itself)."""
+    if task.pack_id is None:
+        return lambda fd: repo.write_chunks(store, m.blobs, m.chunks[e.digest], fd, e.digest, e.size)
+    _pack, off, clen, _size = m.blobs[e.digest]
+    frame = span[off - task.start:off - task.start + clen]
+    return lambda fd: repo.write_blob(frame, fd, e.digest, e.size, f"pack {task.pack_id}")
+
+
 def _tasks(m: mf.Manifest, files: list[_File]) -> list[_Task]:
     """Contiguous runs of blobs in each pack, cut at about TASK_COST; most costly first, so the
     pool does not end with one thread working on a big task while the others wait."""
     by_pack: dict[str, list[_File]] = {}
-    for f in files:
-        by_pack.setdefault(m.blobs[f.entry.digest][0], []).append(f)
     tasks = []
+    for f in files:
+        if f.entry.digest in m.blobs:
+            by_pack.setdefault(m.blobs[f.entry.digest][0], []).append(f)
+        else:
+            tasks.append(_Task(None, 0, 0, [f], f.entry.size + FILE_COST))
     for pack_id, group in by_pack.items():
         group.sort(key=lambda f: m.blobs[f.entry.digest][1])
         task = None
@@ -779,10 +850,10 @@ def _temp_name(dest: str) -> str:
     return f"{parent}/.{name}.rsnap-tmp"
 
 
-def _write_atomic(dest: str, frame, e: mf.Entry, pack_id: str, keep_temp: bool = False) -> None:
-    """Decompress a blob into a temp file beside dest (parent dir must exist) and rename it over
-    dest; with `keep_temp`, leave it under the temp name, with atime == mtime (armed for gc, see
-    rsnap.usage: these are the fingerprint files)."""
+def _write_atomic(dest: str, e: mf.Entry, write_content: Callable[[int], None], keep_temp: bool = False) -> None:
+    """Write a file's content (`write_content(fd)` decompresses and verifies it) into a temp file
+    beside dest (parent dir must exist) and rename it over dest; with `keep_temp`, leave it under
+    the temp name, with atime == mtime (armed for gc, see rsnap.usage: these are the fingerprint files)."""
     tmp = _temp_name(dest)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -792,7 +863,7 @@ def _write_atomic(dest: str, frame, e: mf.Entry, pack_id: str, keep_temp: bool =
             _remove_path(tmp)
             fd = os.open(tmp, flags, 0o600)
         try:
-            repo.write_blob(frame, fd, e.digest, e.size, f"pack {pack_id}")
+            write_content(fd)
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns if keep_temp else time.time_ns(), e.mtime_ns))
         except OSError as err:

@@ -29,11 +29,12 @@ ZC = zstandard.ZstdCompressor()
 
 BLOB_A, BLOB_B = "a" * 32, "b" * 32
 PACK = "c" * 32
+CHUNKED = "e" * 32  # a file stored as the chunks BLOB_B, BLOB_A, BLOB_B
 
 
 def valid_doc() -> dict:
     return {
-        "format": 1, "rsnap_version": "0.1.0", "key": "linux-x86_64-k", "created_ns": 1,
+        "format": 2, "rsnap_version": "0.1.0", "key": "linux-x86_64-k", "created_ns": 1,
         "workspace_root": "/ws", "cargo_home": "/home/.cargo", "key_inputs": {"Cargo.lock": "x"},
         "roots": [
             {"name": "target", "path": "/ws/target", "merge": False, "entries": [
@@ -42,6 +43,7 @@ def valid_doc() -> dict:
                 ["debug/.fingerprint", "d", 0o755, 0, 5, ""],
                 ["debug/.fingerprint/app-0123456789abcdef/bin-app", "f", 0o644, 16, 7, BLOB_B],
                 ["debug/link", "l", 0o777, 0, 7, "app"],
+                ["debug/big", "f", 0o644, 42, 7, CHUNKED],
             ]},
             {"name": "cargo_home", "path": "/home/.cargo", "merge": True, "entries": [
                 ["registry/index/x", "d", 0o755, 0, 5, ""],
@@ -52,6 +54,7 @@ def valid_doc() -> dict:
                     ["/usr/include/zlib.h", "f", 3, 4, BLOB_A]],
         "source_dirs": [".", "/elsewhere/pkg"],
         "blobs": {BLOB_A: [PACK, 0, 20, 10], BLOB_B: [PACK, 20, 20, 16]},
+        "chunks": {CHUNKED: [BLOB_B, BLOB_A, BLOB_B]},
     }
 
 
@@ -61,7 +64,33 @@ def encode(doc) -> bytes:
 
 def test_the_valid_manifest_loads():
     m = mf.loads(encode(valid_doc()))
-    assert m.file_count() == 3 and m.root("cargo_home").merge
+    assert m.file_count() == 4 and m.root("cargo_home").merge
+    assert m.chunks == {CHUNKED: [BLOB_B, BLOB_A, BLOB_B]}
+
+
+def test_a_format_1_manifest_still_loads():
+    """Written by rsnap before chunking: no `chunks`, every file one blob."""
+    doc = valid_doc()
+    del doc["chunks"]
+    doc["format"] = 1
+    doc["roots"][0]["entries"].pop()
+    m = mf.loads(encode(doc))
+    assert m.format == 1 and m.chunks == {} and m.file_count() == 3
+
+
+@pytest.mark.parametrize("chunks, why", [
+    ({CHUNKED: [BLOB_A, "f" * 32]}, "chunk of"),          # a chunk without a blob
+    ({CHUNKED: []}, "bad chunk list"),
+    ({CHUNKED: [BLOB_A, BLOB_A]}, "size mismatch"),        # 20 bytes, the entry says 42
+    ({CHUNKED: [CHUNKED]}, "chunk of"),                    # chunks are blobs, never chunked files
+    ({}, "no blob"),
+    ([], "chunks must be an object"),
+])
+def test_bad_chunk_tables_are_rejected(chunks, why):
+    doc = valid_doc()
+    doc["chunks"] = chunks
+    with pytest.raises(RsnapError, match=why):
+        mf.loads(encode(doc))
 
 
 JSON = st.recursive(
@@ -90,8 +119,10 @@ def _check_invariants(m: mf.Manifest) -> None:
             while parent:
                 assert parent not in paths or paths[parent].type == "d"
                 parent = posixpath.dirname(parent)
-            if e.type == "f":
+            if e.type == "f" and e.digest in m.blobs:
                 assert m.blobs[e.digest][3] == e.size
+            elif e.type == "f":
+                assert sum(m.blobs[c][3] for c in m.chunks[e.digest]) == e.size
             if e.type == "h":
                 assert paths[e.digest].type == "f"
             if e.type == "l":
@@ -137,9 +168,10 @@ def _set_path(doc, path, value):
 FIELDS = [("format",), ("created_ns",), ("roots",), ("blobs",), ("sources",), ("source_dirs",), ("key_inputs",),
           ("roots", 0), ("roots", 0, "name"), ("roots", 0, "merge"), ("roots", 0, "entries"),
           ("roots", 1, "merge"), ("roots", 1, "name"),
-          *[("roots", 0, "entries", i, j) for i in range(5) for j in range(6)],
+          *[("roots", 0, "entries", i, j) for i in range(6) for j in range(6)],
           *[("roots", 1, "entries", i, j) for i in range(2) for j in range(6)],
           ("blobs", BLOB_A), *[("blobs", BLOB_A, j) for j in range(4)],
+          ("chunks",), ("chunks", CHUNKED), *[("chunks", CHUNKED, j) for j in range(3)],
           *[("sources", i, j) for i in range(3) for j in range(5)], ("source_dirs", 0), ("source_dirs", 1)]
 
 

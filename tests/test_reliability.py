@@ -34,7 +34,7 @@ from cargo_util import create_workspace
 from reliability_util import (OLD_MTIME_NS, check_store, checkout, copy_tree, drop_dac_caps, file_size_limit,
                               permissions_enforced, run_rsnap, set_source_mtimes, start_rsnap, store_files,
                               trace_points, try_mount, umount)
-from rsnap import repo
+from rsnap import manifest as mf, repo
 from rsnap.store import LocalStore
 from rsnap_util import one_line_error
 
@@ -735,7 +735,7 @@ HOSTILE = {
     "source-bad-mtime": lambda d: d["sources"].append(["Cargo.toml", "f", 1, "soon", "0" * 32]),
     "blob-huge-clen": lambda d: d["blobs"].update({_a_file(d)[5]: [d["blobs"][_a_file(d)[5]][0], 0, 1 << 40,
                                                                    _a_file(d)[3]]}),
-    "newer-format": lambda d: d.update(format=2),
+    "newer-format": lambda d: d.update(format=mf.FORMAT_VERSION + 1),
     "format-zero": lambda d: d.update(format=0),
     "format-bool": lambda d: d.update(format=True),
     "created-inf": lambda d: d.update(created_ns=float("inf")),
