@@ -89,13 +89,28 @@ def tar_restore(bench: realistic.Realistic, archive: Path) -> Timing:
     return shell(f"zstd -T0 -d -q -c '{archive}' | tar -xf -", bench.ws, bench.env)
 
 
+REPO = Path(__file__).resolve().parent.parent
+_RSNAP: list[str] = []
+
+
+def install_rsnap(root: Path) -> str:
+    """rsnap as a CI job installs it: `pip install` of this checkout (not editable) into a venv
+    under root. An editable install adds a meta-path finder to every start-up, and the
+    interpreter's own site-packages may carry .pth hooks; either costs every call tens of ms."""
+    venv = root / "rsnap-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps",
+                    str(REPO)], check=True, capture_output=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(REPO)], check=True,
+                   capture_output=True)
+    return str(venv / "bin" / "rsnap")
+
+
 def rsnap_executable() -> str:
-    """The console script itself: a pyenv shim in front of it adds ~60 ms of bash per call."""
-    beside_python = Path(sys.executable).parent / "rsnap"
-    found = str(beside_python) if beside_python.is_file() else shutil.which("rsnap")
-    if not found:
-        raise RuntimeError("rsnap is not installed (pip install -e .)")
-    return found
+    if not _RSNAP:
+        raise RuntimeError("rsnap executable not chosen yet")
+    return _RSNAP[0]
 
 
 def rsnap(bench: realistic.Realistic, store: Path, *args: str) -> tuple[Timing, dict]:
@@ -279,7 +294,7 @@ def table(res: dict) -> str:
     rows, clean = res["rows"], res["rows"]["clean_build"]
     head = (f"workspace {res['workspace']}: {clean['units']} units; target {mib(clean['target_bytes'])} in {clean['target_files']} files "
             f"({mib(clean['target_unique_bytes'])} counting hard links once); {os.cpu_count()} cores; "
-            f"CARGO_INCREMENTAL={res['incremental']}\nmedian of {res['repeat']} runs (clean build, first save: 1 run); "
+            f"CARGO_INCREMENTAL={res['incremental']}; one-line change: {res.get('edit_kind')}\nmedian of {res['repeat']} runs (clean build, first save: 1 run); "
             f"1-min load average {res['loadavg_start']:.1f} at start, {res['loadavg_end']:.1f} at end")
     lines = [head, "", f"{'step':<46} {'seconds':>8} {'cpu s':>7} {'compiled':>8} {'written':>10}  vs target",
              "-" * 130]
@@ -303,10 +318,12 @@ def run_benchmark(root: Path, repeat: int, incremental: bool | None = None, args
     else:
         log(f"setting up the realistic workspace under {root}")
         bench = realistic.setup(root, extra_env=extra_env)
+    if args is not None and args.edit_kind:
+        bench.edit_kind = args.edit_kind
     archive, store = root / "target.tar.zst", root / "store"
     try:
         res = {"repeat": repeat, "root": str(root), "workspace": str(getattr(bench, "origin", bench.ws)), "incremental": extra_env.get("CARGO_INCREMENTAL", "default"),
-               "rsnap": rsnap_executable(), "loadavg_start": os.getloadavg()[0]}
+               "rsnap": rsnap_executable(), "edit_kind": bench.edit_kind, "loadavg_start": os.getloadavg()[0]}
         res["rows"] = rows = {}
         rows.update(phase_clean_build(bench))
         rows.update(phase_full_saves(bench, archive, store, repeat))
@@ -333,10 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cargo-home", type=Path, help="with --project: CARGO_HOME (default $CARGO_HOME or ~/.cargo)")
     parser.add_argument("--edit", help="with --project: file (relative to the repository) that gets the one-line "
                         "change (default: the root package's src/main.rs or src/lib.rs)")
+    parser.add_argument("--edit-kind", choices=["const", "comment", "code"],
+                        help="the one-line change: a constant's value (default for the bundled workspace), a "
+                        "comment (default with --project), or new code (one more statement or function each time)")
+    parser.add_argument("--rsnap", help="the rsnap executable to time (default: this checkout, pip-installed into a "
+                        "venv under the work dir, as a CI job would install it)")
     args = parser.parse_args(argv)
+    if args.edit_kind and args.edit_kind != "code" and args.edit_kind != ("comment" if args.project else "const"):
+        parser.error(f"--edit-kind {args.edit_kind} is only for {'the bundled workspace' if args.project else '--project'}")
     default_root = "/tmp/rsnap-bench-project" if args.project else "/tmp/rsnap-bench"
     root = args.root or Path(os.environ.get("RSNAP_BENCH_DIR", default_root))
-    res = run_benchmark(root.resolve(), args.repeat, args.incremental, args)
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if args.rsnap:
+        _RSNAP.append(str(Path(args.rsnap).resolve()))
+    else:
+        log(f"installing this checkout of rsnap into {root / 'rsnap-venv'}")
+        _RSNAP.append(install_rsnap(root))
+    res = run_benchmark(root, args.repeat, args.incremental, args)
     print(table(res), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(res, indent=2, default=str))

@@ -5,7 +5,8 @@ so sources get new mtimes as on a CI runner); cargo runs with ``CARGO_HOME`` fro
 ``--cargo-home``, ``$CARGO_HOME`` or ``~/.cargo`` (it must reach the project's
 dependencies: a network, a vendored registry, or a warm cache with ``--offline``).
 The one-line change is a comment line appended to ``--edit`` (default: the root
-package's ``src/main.rs`` or ``src/lib.rs``, else the first member's).
+package's ``src/main.rs`` or ``src/lib.rs``, else the first member's), or with
+``--edit-kind code`` one more public function each time.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Project:
     edit_file: str
     extra_env: dict[str, str] = field(default_factory=dict)
     lockfile: bytes | None = None  # Cargo.lock to put in every clone when the repository has none
+    edit_kind: str = "comment"
 
     @property
     def ws(self) -> Path:
@@ -51,9 +53,17 @@ class Project:
             (self.ws / "Cargo.lock").write_bytes(self.lockfile)
 
     def edit_leaf(self, tag: int) -> None:
+        """Append a comment line (edit_kind "comment"), or with edit_kind "code", one more public
+        function than the tag before (new code in the crate)."""
         path = self.ws / self.edit_file
-        lines = [line for line in path.read_text().splitlines() if not line.startswith(EDIT_MARKER)]
-        path.write_text("\n".join(lines + [f"{EDIT_MARKER}{tag}"]) + "\n")
+        lines = [line for line in path.read_text().splitlines()
+                 if not line.startswith(EDIT_MARKER) and not line.endswith(EDIT_MARKER.strip())]
+        if self.edit_kind == "code":
+            lines += [f"#[allow(dead_code)] #[doc(hidden)] pub fn rsnap_bench_edit_{i}() -> u64 {{ {i} * 7919 }} "
+                      f"{EDIT_MARKER.strip()}" for i in range(1, tag + 1)]
+        else:
+            lines.append(f"{EDIT_MARKER}{tag}")
+        path.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
         empty_trash(self.root)

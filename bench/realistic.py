@@ -61,6 +61,7 @@ DROPPED_FROM_CRATES = (".cargo-checksum.json", "debian")
 LEAF_CRATE = "crates/app"           # the bin nobody depends on: where edits go
 LEAF_FILE = f"{LEAF_CRATE}/src/main.rs"
 EDIT_MARKER = "const BUILD_TAG: u32 = "
+CODE_EDIT_MARKER = "// rsnap bench code edit"
 
 
 # ---------------------------------------------------------------- Debian crates
@@ -352,6 +353,7 @@ class Realistic:
     cargo_home: Path
     server: mkregistry.RegistryServer
     extra_env: dict[str, str] = field(default_factory=dict)
+    edit_kind: str = "const"
 
     @property
     def env(self) -> dict[str, str]:
@@ -368,10 +370,15 @@ class Realistic:
         git("clone", "-q", str(self.origin), str(self.ws))
 
     def edit_leaf(self, tag: int) -> None:
-        """One-line change in the leaf bin crate."""
+        """One-line change in the leaf bin crate: the value of a constant (edit_kind "const"), or
+        with edit_kind "code", one more statement in main() than the tag before (code moves)."""
         path = self.ws / LEAF_FILE
         lines = [f"{EDIT_MARKER}{tag};" if line.startswith(EDIT_MARKER) else line
-                 for line in path.read_text().splitlines()]
+                 for line in path.read_text().splitlines() if not line.endswith(CODE_EDIT_MARKER)]
+        if self.edit_kind == "code":
+            at = lines.index("    env_logger::init();") + 1
+            lines[at:at] = [f'    if std::env::var_os("RSNAP_BENCH_{i}").is_some() {{ eprintln!("bench edit {i}"); }} '
+                            f'{CODE_EDIT_MARKER}' for i in range(1, tag + 1)]
         path.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:

@@ -83,16 +83,22 @@ def run(argv: list[str]) -> int:
         prefetch.start_discovery(kwargs["manifest_path"])  # runs while the rest is imported
         from . import commands
         getattr(commands, name)(**kwargs)
-        return 0
+        return FAST_DONE
     from .cli import app
     code = app(args=argv, prog_name="rsnap", standalone_mode=False)
     return code if isinstance(code, int) else 0
 
 
+FAST_DONE = -1  # run(): a fast-path command finished (exit 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every expected failure is one line on stderr and a documented exit code."""
     try:
-        sys.exit(run(sys.argv[1:] if argv is None else argv))
+        code = run(sys.argv[1:] if argv is None else argv)
+        if code == FAST_DONE:
+            _exit_now()
+        sys.exit(code)
     except RsnapError as e:
         print(f"rsnap: error: {e}", file=sys.stderr)
         sys.exit(e.code)
@@ -109,6 +115,18 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RSNAP_DEBUG"):
             raise
         sys.exit(_report_unexpected(e))
+
+
+def _exit_now() -> None:
+    """End a finished restore/save without the interpreter's teardown (~30 ms of freeing objects
+    and joining idle pool threads, paid by every CI job). Everything rsnap wrote is already
+    in place (store objects fsynced and renamed, files closed); only stdio needs flushing."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # nobody reads our output any more
+        pass
+    os._exit(0)
 
 
 def _report_unexpected(e: Exception) -> int:
