@@ -139,11 +139,15 @@ def test_usage_errors_are_one_line_exit_2(argv, message, tmp_path):
 
 def test_restore_and_save_do_not_import_typer(tmp_path):
     """The point of the fast path: a plain restore/save never loads typer (or pydantic)."""
-    probe = ("import sys, runpy\n"
+    probe = ("import os, sys, runpy\n"
+             "def report(code=0):\n"
+             "    print('typer' in sys.modules, 'pydantic' in sys.modules, file=sys.stderr, flush=True)\n"
+             "    real_exit(code)\n"
+             "real_exit, os._exit = os._exit, report  # the fast path ends with os._exit\n"
              "sys.argv = ['rsnap', 'restore', '--store', sys.argv[1], '--json']\n"
              "try:\n    runpy.run_module('rsnap', run_name='__main__')\n"
              "except SystemExit:\n    pass\n"
-             "print('typer' in sys.modules, 'pydantic' in sys.modules, file=sys.stderr)\n")
+             "report()\n")
     (tmp_path / "Cargo.toml").write_text('[package]\nname = "p"\nversion = "0.1.0"\nedition = "2021"\n')
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "lib.rs").write_text("")
