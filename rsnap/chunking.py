@@ -24,4 +24,4 @@ def cut(data: bytes) -> list[memoryview]:
         from pyfastcdc import FastCDC
         _cutter = FastCDC(AVG_CHUNK)
     view = memoryview(data)
-    return [view[c.offset:c.offset + c.length] for c in _cutter.cut_buf(data)]
+    return [view[c.offset:c.offset + c.length] for c in _cutter.cut_buf(view)]

@@ -7,6 +7,7 @@ it has the recorded digest; any write to a file changes its ctime.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import stat
 from dataclasses import dataclass
@@ -81,9 +82,19 @@ def hash_file(path) -> str:
     return h.hexdigest()
 
 
-def read_and_hash(path) -> tuple[bytes, str]:
+MAP_FROM = 1 << 20
+
+
+def read_and_hash(path) -> tuple[bytes | mmap.mmap, str]:
+    """A file's content and its xxh3-128. Big files are mapped, not read: reading a 40 MiB debug
+    binary into a new buffer costs ~60 ms of page faults and copying, mapping it ~8 ms. (A file
+    truncated while mapped would fault; saves hold cargo's locks, so cargo does not write it.)"""
     with open(path, "rb") as f:
-        data = f.read()
+        if os.fstat(f.fileno()).st_size < MAP_FROM:
+            data = f.read()
+        else:
+            data = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                             prot=mmap.PROT_READ)
     return data, xxhash.xxh3_128_hexdigest(data)
 
 
