@@ -70,7 +70,6 @@ import re
 import shutil
 import signal
 import stat
-import sqlite3
 import struct
 import time
 import tomllib
@@ -912,6 +911,7 @@ def _global_cache_recent(home: Path, since_s: int | None) -> dict[str, set[str]]
     db = home / ".global-cache"
     if since_s is None or not db.exists():
         return out
+    import sqlite3  # ~15 ms to import; only CARGO_HOMEs with cargo's usage database need it
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
@@ -930,6 +930,7 @@ def _forget_in_global_cache(home: Path, removed: dict[str, list[tuple[str, str]]
     db = home / ".global-cache"
     if not db.exists() or not any(removed.values()):
         return "unchanged"
+    import sqlite3
     try:
         con = sqlite3.connect(str(db), timeout=10)
         try:

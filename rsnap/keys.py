@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import re
 import subprocess
 from pathlib import Path
@@ -89,8 +88,8 @@ def key_inputs(ws) -> dict:
     host = next((l.split(":", 1)[1].strip() for l in rustc.splitlines() if l.startswith("host:")), "unknown")
     inputs = {
         "key_format": KEY_FORMAT,
-        "os": platform.system().lower(),
-        "arch": platform.machine().lower(),
+        "os": os.uname().sysname.lower(),      # what platform.system()/machine() return on POSIX,
+        "arch": os.uname().machine.lower(),    # without importing platform (~5 ms per call)
         "rustc": rustc.strip(),
         "host": host,
         "target": os.environ.get("CARGO_BUILD_TARGET", host),

@@ -14,7 +14,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import stat
 import sys
 import threading
@@ -202,6 +201,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
             for digest in list(blobs):
                 if blobs[digest] is None:
                     blobs[digest] = writer.locations[digest]
+            _check_complete(blobs, chunks)
             bar.finish()
             faults.point("save.manifest")
             m = mf.Manifest(
@@ -218,6 +218,13 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
     stats.packs_written = writer.packs_written
     return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,
             "sources": len(sources), "seconds": round(time.monotonic() - started, 3)}
+
+
+def _check_complete(blobs: dict[str, list], chunks: dict[str, list[str]]) -> None:
+    """Never write a manifest restore would reject: every chunk of a chunked file is stored."""
+    missing = next((part for parts in chunks.values() for part in parts if blobs.get(part) is None), None)
+    if missing is not None:
+        raise RsnapError(f"internal error: chunk {missing} was not stored; no snapshot written")
 
 
 def _arm_keeping_stat_caches(ws, caches: list[scan.StatCache]) -> None:
@@ -716,6 +723,7 @@ class _SafeDirs:
 def _remove_path(p) -> None:
     try:
         if os.path.isdir(p) and not os.path.islink(p):
+            import shutil  # rarely needed: imported here, not by every restore
             shutil.rmtree(p)
         else:
             os.unlink(p)
@@ -882,6 +890,7 @@ def _replace(tmp: str, dest: str) -> None:
     try:
         os.replace(tmp, dest)
     except IsADirectoryError:
+        import shutil
         shutil.rmtree(dest)
         os.replace(tmp, dest)
 

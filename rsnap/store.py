@@ -11,7 +11,6 @@ import mmap
 import os
 import re
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -92,6 +91,7 @@ class LocalStore:
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            import tempfile  # only saves write to the store; restore need not import it
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
