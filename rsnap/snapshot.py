@@ -305,9 +305,9 @@ def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims
         data, digest = scan.read_and_hash(spec.path / f.rel)
         if seen.in_store(digest) or not claims.claim(digest):
             return digest, None, True
-        if len(data) >= chunking.CHUNK_FROM:
-            return digest, _chunk(data, seen, claims), True
-        return digest, repo.compress(data), True
+        content = _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
+        _check_unchanged(data, digest, f.rel)
+        return digest, content, True
 
     files, hard_links = _split_hard_links(found)
     # unchanged files whose content the store has need no worker (most of a save after a small change)
@@ -378,7 +378,18 @@ def _content_now(path: Path, digest: str, seen: _Seen, claims: _Claims):
     data, now = scan.read_and_hash(path)
     if now != digest:
         return None
-    return _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
+    content = _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
+    _check_unchanged(data, digest, str(path))
+    return content
+
+
+def _check_unchanged(data, digest: str, name: str) -> None:
+    """A big file is mapped, not copied (scan.read_and_hash): if something other than cargo (whose
+    locks save holds) rewrote it while it was hashed and compressed, the stored bytes might not
+    match the digest. Restore would catch that, but the save must not claim it."""
+    if not isinstance(data, bytes) and repo.digest_bytes(data) != digest:
+        raise RsnapError(f"{name} changed while it was being saved; is something writing to the target dir? "
+                         "No snapshot was written", EXIT_WORKSPACE)
 
 
 def _add_chunked(digest: str, parts: list, seen: _Seen, writer, stats: SaveStats) -> None:

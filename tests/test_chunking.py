@@ -94,3 +94,18 @@ def test_corrupt_chunk_or_wrong_chunk_list_fails(tmp_path):
     store.put(pack, bytes(raw))  # same name, damaged bytes: as if the disk flipped a bit
     with pytest.raises(StoreError, match="corrupt"):
         restore_file(store, blobs, chunks, digest, len(data))
+
+
+def test_a_big_file_rewritten_while_mapped_is_refused(tmp_path):
+    """Big files are mapped, not copied: a rewrite by someone else during the save must not
+    leave a snapshot whose bytes do not match their digest."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(random_bytes(3, 2 * MiB))
+    data, digest = snapshot.scan.read_and_hash(path)
+    assert not isinstance(data, bytes)  # mapped
+    snapshot._check_unchanged(data, digest, "big.bin")
+    with open(path, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"rewritten")
+    with pytest.raises(snapshot.RsnapError, match="changed while it was being saved"):
+        snapshot._check_unchanged(data, digest, "big.bin")
