@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import prefetch
@@ -31,15 +30,15 @@ CARGO_HOME_EXCLUDED_NAMES = {
 _HASH_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
 
 
-@dataclass
 class Workspace:
-    root: Path
-    target_dir: Path
-    build_dir: Path
-    cargo_home: Path
-    manifest_path: Path
-    path_package_dirs: list[Path] = field(default_factory=list)
-    package_dirs_by_name: dict[str, Path] = field(default_factory=dict)
+    """Where cargo keeps things for one workspace (a plain class: see rsnap.manifest)."""
+
+    def __init__(self, *, root: Path, target_dir: Path, build_dir: Path, cargo_home: Path, manifest_path: Path,
+                 path_package_dirs: list[Path] | None = None, package_dirs_by_name: dict[str, Path] | None = None):
+        self.root, self.target_dir, self.build_dir = root, target_dir, build_dir
+        self.cargo_home, self.manifest_path = cargo_home, manifest_path
+        self.path_package_dirs = path_package_dirs if path_package_dirs is not None else []
+        self.package_dirs_by_name = package_dirs_by_name if package_dirs_by_name is not None else {}
 
 
 def cargo_home() -> Path:

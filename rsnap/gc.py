@@ -74,7 +74,7 @@ import struct
 import time
 import tomllib
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 from . import keys, usage
@@ -183,37 +183,36 @@ def current_rustc_values(ws) -> dict[int, str]:
 
 # ---------------------------------------------------------------- inventory
 
-@dataclass
-class Item:
+# NamedTuples and plain classes, not dataclasses: every save imports this module (see rsnap.manifest)
+
+class Item(NamedTuple):
     """A file or dir to delete or keep, with its size."""
     path: Path
     bytes: int
     is_dir: bool
 
 
-@dataclass
 class Unit:
-    profile: Path
-    hash: str
-    pkg: str
-    layout: str                       # "v1" | "v2"
-    fp_dir: Path                      # removed first
-    members: list[Item] = field(default_factory=list)   # everything else the hash owns
-    fp_bytes: int = 0
-    rustc: int | None = None
-    fp_values: set[int] = field(default_factory=set)    # this unit's fingerprint hash value(s)
-    dep_values: set[int] = field(default_factory=set)   # fingerprint values of its dependencies
-    crates: set[str] = field(default_factory=set)       # crate names it compiles (incremental dirs)
-    targets: set[str] = field(default_factory=set)      # target names (crate spelling), any mode
-    compiles: bool = False
-    invoked_ns: int | None = None
-    built_ns: int = 0                 # newest mtime of its fingerprint files
-    used_ns: int = 0                  # newest max(atime, mtime) of the files cargo reads
-    uplifts: list[Item] = field(default_factory=list)
-    incremental: list["CrateDir"] = field(default_factory=list)
-    keep: bool = True
-    reason: str = ""
-    current: bool = False             # used or built since the epoch: never evicted
+    def __init__(self, profile: Path, hash: str, pkg: str, layout: str, fp_dir: Path):
+        self.profile, self.hash, self.pkg = profile, hash, pkg
+        self.layout = layout                  # "v1" | "v2"
+        self.fp_dir = fp_dir                  # removed first
+        self.members: list[Item] = []         # everything else the hash owns
+        self.fp_bytes = 0
+        self.rustc: int | None = None
+        self.fp_values: set[int] = set()      # this unit's fingerprint hash value(s)
+        self.dep_values: set[int] = set()     # fingerprint values of its dependencies
+        self.crates: set[str] = set()         # crate names it compiles (incremental dirs)
+        self.targets: set[str] = set()        # target names (crate spelling), any mode
+        self.compiles = False
+        self.invoked_ns: int | None = None
+        self.built_ns = 0                     # newest mtime of its fingerprint files
+        self.used_ns = 0                      # newest max(atime, mtime) of the files cargo reads
+        self.uplifts: list[Item] = []
+        self.incremental: list[CrateDir] = []
+        self.keep = True
+        self.reason = ""
+        self.current = False                  # used or built since the epoch: never evicted
 
     @property
     def key(self) -> tuple[str, str]:
@@ -229,45 +228,40 @@ class Unit:
                 + sum(c.kept_bytes for c in self.incremental if c.owner is self))
 
 
-@dataclass
 class Session:
-    name: str
-    ts_ns: int
-    path: Path | None                 # session dir (None: orphan lock)
-    lock: Path | None
-    finalized: bool
-    bytes: int = 0
+    def __init__(self, name: str, ts_ns: int, path: Path | None, lock: Path | None, finalized: bool):
+        self.name, self.ts_ns = name, ts_ns
+        self.path = path                      # session dir (None: orphan lock)
+        self.lock, self.finalized = lock, finalized
+        self.bytes = 0
 
 
-@dataclass
 class CrateDir:
-    path: Path
-    profile: Path
-    crate: str
-    sessions: list[Session]
-    newest: Session | None = None     # the finalized session that stays
-    garbage: list[tuple[Session, str]] = field(default_factory=list)
-    owner: Unit | None = None
-    keep: bool = True
-    reason: str = ""
+    def __init__(self, path: Path, profile: Path, crate: str, sessions: list[Session]):
+        self.path, self.profile, self.crate, self.sessions = path, profile, crate, sessions
+        self.newest: Session | None = None    # the finalized session that stays
+        self.garbage: list[tuple[Session, str]] = []
+        self.owner: Unit | None = None
+        self.keep = True
+        self.reason = ""
 
     @property
     def kept_bytes(self) -> int:
         return self.newest.bytes if self.newest else 0
 
 
-@dataclass
 class Inventory:
-    roots: list[Path]
-    profiles: list[Path] = field(default_factory=list)
-    units: dict[tuple[str, str, str], Unit] = field(default_factory=dict)
-    crate_dirs: list[CrateDir] = field(default_factory=list)
-    orphans: list[Item] = field(default_factory=list)
-    working: list[Item] = field(default_factory=list)
-    unowned_uplifts: list[Item] = field(default_factory=list)
-    shared: list[tuple[Item, list["Unit"]]] = field(default_factory=list)   # unhashed outputs (cdylib...)
-    other_bytes: int = 0              # files GC does not classify (kept)
-    trash: list[Item] = field(default_factory=list)
+    def __init__(self, roots: list[Path]):
+        self.roots = roots
+        self.profiles: list[Path] = []
+        self.units: dict[tuple[str, str, str], Unit] = {}
+        self.crate_dirs: list[CrateDir] = []
+        self.orphans: list[Item] = []
+        self.working: list[Item] = []
+        self.unowned_uplifts: list[Item] = []
+        self.shared: list[tuple[Item, list[Unit]]] = []   # unhashed outputs (cdylib...)
+        self.other_bytes = 0                  # files GC does not classify (kept)
+        self.trash: list[Item] = []
 
 
 def _scandir(path) -> list:
@@ -587,10 +581,10 @@ def _scan_crate_dir(profile: Path, path: Path) -> CrateDir:
 
 # ---------------------------------------------------------------- decisions
 
-@dataclass
 class Tally:
-    units: int = 0
-    bytes: int = 0
+    def __init__(self):
+        self.units = 0
+        self.bytes = 0
 
     def add(self, n_bytes: int, units: int = 1) -> None:
         self.units += units

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -25,12 +24,12 @@ from .scan import hash_file
 _SKIP_DIRS = {".git", ".hg", ".svn", cargo_layout.RSNAP_DIR}
 
 
-@dataclass
 class RetimeStats:
-    retimed: int = 0      # content matched, recorded mtime set back
-    kept: int = 0         # content matched, mtime already right
-    bumped: int = 0       # changed or new, made newer than every artifact
-    newer: int = 0        # changed or new, already newer than every artifact
+    def __init__(self):
+        self.retimed = 0      # content matched, recorded mtime set back
+        self.kept = 0         # content matched, mtime already right
+        self.bumped = 0       # changed or new, made newer than every artifact
+        self.newer = 0        # changed or new, already newer than every artifact
 
     def as_dict(self):
         return dict(self.__dict__)

@@ -10,9 +10,8 @@ import json
 import mmap
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import xxhash
 import zstandard
@@ -23,8 +22,7 @@ from .errors import RsnapError, EXIT_WORKSPACE
 STATE_FILE = "state"
 
 
-@dataclass
-class Found:
+class Found(NamedTuple):  # not a dataclass: see rsnap.manifest
     rel: str
     type: str          # "f", "d", "l"
     mode: int

@@ -20,9 +20,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import __version__, cargo_layout, chunking, faults, mtimes, repo, scan, usage
 from . import manifest as mf
@@ -49,8 +48,7 @@ def usable_cpus() -> int:
 WORKERS = usable_cpus()  # more threads than CPUs only contend for the GIL
 
 
-@dataclass
-class RootSpec:
+class RootSpec(NamedTuple):  # NamedTuples and plain classes, not dataclasses: see rsnap.manifest
     name: str
     path: Path
     subtrees: list[str]
@@ -153,15 +151,15 @@ def cargo_locks(paths: list[Path], exclusive: bool):
 
 # ---------------------------------------------------------------- save
 
-@dataclass
 class SaveStats:
-    files: int = 0
-    bytes_total: int = 0
-    files_hashed: int = 0
-    blobs_new: int = 0
-    bytes_new: int = 0            # uncompressed bytes of new blobs
-    bytes_written: int = 0        # compressed bytes written to the store
-    packs_written: int = 0
+    def __init__(self):
+        self.files = 0
+        self.bytes_total = 0
+        self.files_hashed = 0
+        self.blobs_new = 0
+        self.bytes_new = 0            # uncompressed bytes of new blobs
+        self.bytes_written = 0        # compressed bytes written to the store
+        self.packs_written = 0
 
 
 def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bool | None = None,
@@ -241,8 +239,7 @@ def _arm_keeping_stat_caches(ws, caches: list[scan.StatCache]) -> None:
                 cache.retimed(path[len(prefix):], before, after)
 
 
-@dataclass
-class _RootJob:
+class _RootJob(NamedTuple):
     """One root of a save in flight: walked, its new or changed files queued on the pool."""
     spec: RootSpec
     cache: scan.StatCache
@@ -445,23 +442,22 @@ def _link_is_safe(rel: str, target: str) -> bool:
 
 # ---------------------------------------------------------------- restore
 
-@dataclass
 class RestorePlan:
-    spec_path: Path
-    root: mf.Root
-    write: list[mf.Entry] = field(default_factory=list)
-    fix_meta: list[tuple[mf.Entry, scan.Found]] = field(default_factory=list)
-    remove: list[scan.Found] = field(default_factory=list)
-    unchanged: int = 0
+    def __init__(self, spec_path: Path, root: mf.Root):
+        self.spec_path, self.root = spec_path, root
+        self.write: list[mf.Entry] = []
+        self.fix_meta: list[tuple[mf.Entry, scan.Found]] = []
+        self.remove: list[scan.Found] = []
+        self.unchanged = 0
 
 
-@dataclass
 class RestoreStats:
-    files_written: int = 0
-    bytes_written: int = 0
-    files_removed: int = 0
-    files_unchanged: int = 0
-    metadata_fixed: int = 0
+    def __init__(self):
+        self.files_written = 0
+        self.bytes_written = 0
+        self.files_removed = 0
+        self.files_unchanged = 0
+        self.metadata_fixed = 0
 
 
 def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None = None) -> dict:
@@ -742,8 +738,7 @@ def _remove_path(p) -> None:
         pass
 
 
-@dataclass
-class _File:
+class _File(NamedTuple):
     """A file to write. One written last waits under its temp name until step 4."""
     root: str
     entry: mf.Entry
@@ -754,15 +749,13 @@ class _File:
         return f"{self.root}/{self.entry.path}"
 
 
-@dataclass
 class _Task:
     """Files whose blobs lie in one range of one pack: one read, one unit of work for the pool.
     A chunked file is a task of its own (pack_id None)."""
-    pack_id: str | None
-    start: int
-    end: int
-    files: list[_File] = field(default_factory=list)
-    cost: int = 0
+
+    def __init__(self, pack_id: str | None, start: int, end: int, files: list[_File] | None = None, cost: int = 0):
+        self.pack_id, self.start, self.end, self.cost = pack_id, start, end, cost
+        self.files = files if files is not None else []
 
 
 TASK_COST = 4 << 20     # split restore work into tasks of about this cost (bytes written, plus...)

@@ -45,7 +45,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cargo_layout import RSNAP_DIR
@@ -499,19 +498,19 @@ def unit_of_path(path: Path, roots_: list[Path]) -> tuple[str, str] | None:
 
 # ---------------------------------------------------------------- reading the signals
 
-@dataclass
 class Signals:
-    epoch_ns: int | None = None
-    restored_ns: int | None = None
-    armed_ns: int | None = None
-    atime: bool = False                  # armed atime is valid for every root
-    atime_detail: dict = field(default_factory=dict)
-    log_units: set = field(default_factory=set)     # (profile abs, hash)
-    log_unresolved: list = field(default_factory=list)
-    log_invocations: int = 0
-    log_failed: int = 0
-    log: bool = False                    # the log is present and complete (decided by gc)
-    no_build_since_epoch: bool = False   # signals work, but nothing was built or used (decided by gc)
+    def __init__(self):
+        self.epoch_ns: int | None = None
+        self.restored_ns: int | None = None
+        self.armed_ns: int | None = None
+        self.atime = False                  # armed atime is valid for every root
+        self.atime_detail: dict = {}
+        self.log_units: set = set()         # (profile abs, hash)
+        self.log_unresolved: list = []
+        self.log_invocations = 0
+        self.log_failed = 0
+        self.log = False                    # the log is present and complete (decided by gc)
+        self.no_build_since_epoch = False   # signals work, but nothing was built or used (decided by gc)
 
     def describe(self) -> dict:
         return {"epoch_ns": self.epoch_ns, "restored_ns": self.restored_ns, "armed_ns": self.armed_ns,
