@@ -38,7 +38,11 @@ def snapshot_prefix(key: str) -> str:
 
 
 class PackWriter:
-    """Accumulates compressed blobs and flushes full packs to the store."""
+    """Accumulates compressed blobs into packs. A full pack is written to the store by a
+    background thread while the save goes on compressing (each pack costs an fsync); `flush`
+    writes the last one and returns once every pack is in the store."""
+
+    MAX_IN_FLIGHT = 2  # full packs waiting to be written, at most (memory)
 
     def __init__(self, store):
         self.store = store
@@ -49,6 +53,8 @@ class PackWriter:
         self.pending_digests: set[str] = set()
         self.bytes_written = 0
         self.packs_written = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list = []
 
     def add(self, digest: str, compressed: bytes, size: int) -> None:
         if digest in self.locations or digest in self.pending_digests:
@@ -58,14 +64,27 @@ class PackWriter:
         self.buf.append(compressed)
         self.offset += len(compressed)
         if self.offset >= PACK_TARGET:
-            self.flush()
+            self._ship()
 
     def flush(self) -> None:
+        """Write what was added; raise the first error of any pack write."""
+        self._ship()
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+
+    def _ship(self) -> None:
+        """Hand the current pack to the writer thread. Its blobs' locations are final already
+        (a pack is named by its content); they are only used once flush has returned."""
         if not self.buf:
             return
         data = b"".join(self.buf)
         pack_id = digest_bytes(data)
-        self.store.put(pack_name(pack_id), data)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsnap-pack")
+        while len([w for w in self._writes if not w.done()]) >= self.MAX_IN_FLIGHT:
+            next(w for w in self._writes if not w.done()).result()
+        self._writes.append(self._writer.submit(self.store.put, pack_name(pack_id), data))
         for digest, off, clen, size in self.pending:
             self.locations[digest] = [pack_id, off, clen, size]
         self.bytes_written += len(data)

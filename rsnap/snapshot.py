@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import stat
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -326,13 +327,14 @@ def _chunk(data: bytes, seen: _Seen, claims: _Claims) -> list[tuple[str, bytes |
 
 
 def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: SaveStats, bar) -> mf.Root:
-    """Collect a root's results in walk order: pack new blobs, build the manifest entries."""
+    """Collect a root's results as workers finish them (so packs fill and are written while
+    the rest is compressed), then build the manifest entries in walk order."""
     spec, cache = job.spec, job.cache
     root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
-    results = ((job.quick[f.rel], None, False) if f.rel in job.quick else job.pending.pop(f.rel).result()
-               for f in job.files)
+    results = itertools.chain(((f, (job.quick[f.rel], None, False)) for f in job.files if f.rel in job.quick),
+                              _as_done(job))
     digests: dict[str, str] = {}
-    for f, (digest, content, hashed) in zip(job.files, results):
+    for f, (digest, content, hashed) in results:
         if digest is None:
             continue  # vanished or unreadable during the walk: not part of this snapshot
         digests[f.rel] = digest
@@ -371,6 +373,13 @@ def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: Sav
         elif f.type == "l" and _link_is_safe(f.rel, f.link):
             root.entries.append(mf.Entry(f.rel, "l", 0o777, 0, f.mtime_ns, f.link))
     return root
+def _as_done(job: _RootJob):
+    """(file, worker result) as workers finish; each result is dropped once handed out."""
+    by_future = {job.pending.pop(f.rel): f for f in job.files if f.rel in job.pending}
+    for future in as_completed(list(by_future)):
+        yield by_future.pop(future), future.result()
+
+
 def _content_now(path: Path, digest: str, seen: _Seen, claims: _Claims):
     data, now = scan.read_and_hash(path)
     if now != digest:
