@@ -64,16 +64,16 @@ class PackWriter:
         self.buf.append(compressed)
         self.offset += len(compressed)
         if self.offset >= PACK_TARGET:
-            self._ship()
+            self.ship()
 
     def flush(self) -> None:
         """Write what was added; raise the first error of any pack write."""
-        self._ship()
+        self.ship()
         writes, self._writes = self._writes, []
         for write in writes:
             write.result()
 
-    def _ship(self) -> None:
+    def ship(self) -> None:
         """Hand the current pack to the writer thread. Its blobs' locations are final already
         (a pack is named by its content); they are only used once flush has returned."""
         if not self.buf:
@@ -214,9 +214,11 @@ def read_blob(store, loc: list, digest: str, pack_cache: dict | None = None) -> 
 
 # ---------------------------------------------------------------- snapshots
 
-def write_manifest(store, m: mf.Manifest) -> str:
+def write_manifest(store, m: mf.Manifest, data: bytes | None = None) -> str:
+    """Store a manifest (`data`: mf.dumps(m), if already made). Call it only once every pack
+    the manifest names is in the store."""
     name = f"{snapshot_prefix(m.key)}/{m.created_ns}-{os.urandom(4).hex()}"
-    store.put(name, mf.dumps(m))
+    store.put(name, data if data is not None else mf.dumps(m))
     return name
 
 

@@ -196,20 +196,22 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                 sources, source_dirs = mtimes.record_sources(ws)
                 for job in jobs:
                     roots.append(_finish_root(job, seen, writer, claims, stats, bar))
-                writer.flush()
+                writer.ship()  # the last pack is written (and fsynced) while the manifest is made
             for digest in list(blobs):
                 if blobs[digest] is None:
                     blobs[digest] = writer.locations[digest]
             _check_complete(blobs, chunks)
             bar.finish()
-            faults.point("save.manifest")
             m = mf.Manifest(
                 key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
                 rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
                 source_dirs=source_dirs, blobs=blobs, chunks=chunks,
             )
-            name = repo.write_manifest(store, m)
+            data = mf.dumps(m)
             _arm_keeping_stat_caches(ws, caches)
+            writer.flush()  # every pack is in the store before the manifest that names them
+            faults.point("save.manifest")
+            name = repo.write_manifest(store, m, data)
         finally:
             for cache in caches:
                 cache.save()
