@@ -109,3 +109,13 @@ def test_a_big_file_rewritten_while_mapped_is_refused(tmp_path):
         f.write(b"rewritten")
     with pytest.raises(snapshot.RsnapError, match="changed while it was being saved"):
         snapshot._check_unchanged(data, digest, "big.bin")
+
+
+def test_a_file_of_repeated_chunks_is_stored_once_and_restored_whole(tmp_path):
+    """Zero-filled regions cut into identical chunks: one blob, named several times in the list."""
+    store = LocalStore(tmp_path)
+    data = bytes(5 * MiB) + random_bytes(4, MiB) + bytes(3 * MiB)
+    digest, chunks, blobs, written = save_file(store, data)
+    assert len(chunks) > len(set(chunks))  # some chunk repeats
+    assert written < MiB + 64 * 1024       # the random MiB, and the zero chunk once
+    assert restore_file(store, blobs, chunks, digest, len(data)) == data
