@@ -141,7 +141,7 @@ def write_chunks(store, blobs: dict[str, list], chunks: list[str], fd: int, dige
         raise StoreError(f"file {digest} assembled from its chunks does not match its digest")
 
 
-CHUNK_READ_GAP = 256 << 10  # chunks further apart in a pack than this are read separately
+READ_GAP = 256 << 10  # blobs further apart in a pack than this are read separately (restore)
 
 
 def _chunk_reads(blobs: dict[str, list], chunks: list[str]):
@@ -150,7 +150,7 @@ def _chunk_reads(blobs: dict[str, list], chunks: list[str]):
     for part in chunks:
         pack_id, off, clen, _size = blobs[part]
         last = reads[-1] if reads else None
-        if last and last[0] == pack_id and last[2] <= off <= last[2] + CHUNK_READ_GAP:
+        if last and last[0] == pack_id and last[2] <= off <= last[2] + READ_GAP:
             last[2] = off + clen
             last[3].append(part)
         else:

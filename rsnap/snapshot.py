@@ -305,9 +305,7 @@ def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims
         data, digest = scan.read_and_hash(spec.path / f.rel)
         if seen.in_store(digest) or not claims.claim(digest):
             return digest, None, True
-        content = _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
-        _check_unchanged(data, digest, f.rel)
-        return digest, content, True
+        return digest, _stored_form(data, digest, f.rel, seen, claims), True
 
     files, hard_links = _split_hard_links(found)
     # unchanged files whose content the store has need no worker (most of a save after a small change)
@@ -357,10 +355,7 @@ def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: Sav
             if isinstance(content, list):
                 _add_chunked(digest, content, seen, writer, stats)
             else:
-                writer.add(digest, content, f.size)
-                seen.blobs[digest] = None
-                stats.blobs_new += 1
-                stats.bytes_new += f.size
+                _add_blob(digest, content, f.size, seen, writer, stats)
         bar.advance(f.size)
         faults.point("save.file")
     for f in job.found:
@@ -384,10 +379,13 @@ def _as_done(job: _RootJob):
 
 def _content_now(path: Path, digest: str, seen: _Seen, claims: _Claims):
     data, now = scan.read_and_hash(path)
-    if now != digest:
-        return None
+    return _stored_form(data, digest, str(path), seen, claims) if now == digest else None
+
+
+def _stored_form(data, digest: str, name: str, seen: _Seen, claims: _Claims):
+    """What a save stores for new content: one compressed blob, or a big file's chunks."""
     content = _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
-    _check_unchanged(data, digest, str(path))
+    _check_unchanged(data, digest, name)
     return content
 
 
@@ -406,10 +404,14 @@ def _add_chunked(digest: str, parts: list, seen: _Seen, writer, stats: SaveStats
         if d in seen.known:
             seen.blobs[d] = seen.known[d]
         elif content is not None:
-            writer.add(d, content, size)
-            seen.blobs[d] = None
-            stats.blobs_new += 1
-            stats.bytes_new += size
+            _add_blob(d, content, size, seen, writer, stats)
+
+
+def _add_blob(digest: str, compressed: bytes, size: int, seen: _Seen, writer, stats: SaveStats) -> None:
+    writer.add(digest, compressed, size)
+    seen.blobs[digest] = None  # located once its pack is shipped
+    stats.blobs_new += 1
+    stats.bytes_new += size
 
 
 def _split_hard_links(found: list[scan.Found]) -> tuple[list[scan.Found], dict[str, str]]:
@@ -771,7 +773,6 @@ class _Task:
 
 TASK_COST = 4 << 20     # split restore work into tasks of about this cost (bytes written, plus...)
 FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as much as writing 256 KiB
-READ_GAP = 256 << 10    # blobs further apart in a pack than this are read separately
 
 
 def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar) -> list[_File]:
@@ -840,7 +841,7 @@ def _tasks(m: mf.Manifest, files: list[_File]) -> list[_Task]:
         task = None
         for f in group:
             _pack, off, clen, size = m.blobs[f.entry.digest]
-            if task is None or task.cost >= TASK_COST or off > task.end + READ_GAP:
+            if task is None or task.cost >= TASK_COST or off > task.end + repo.READ_GAP:
                 task = _Task(pack_id, off, off + clen)
                 tasks.append(task)
             task.end = max(task.end, off + clen)
