@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import debian_project  # noqa: E402
 import project  # noqa: E402
 import realistic  # noqa: E402
 
@@ -323,6 +324,9 @@ def run_benchmark(root: Path, repeat: int, incremental: bool | None = None, args
     if args is not None and args.project:
         log(f"cloning {args.project} under {root}")
         bench = project.setup(root, args.project, args.cargo_home, args.edit, extra_env)
+    elif args is not None and args.debian_crate:
+        log(f"making a project of Debian's {args.debian_crate} crate under {root}")
+        bench = debian_project.setup(root, args.debian_crate, args.edit, extra_env)
     else:
         log(f"setting up the realistic workspace under {root}")
         bench = realistic.setup(root, extra_env=extra_env)
@@ -355,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="set CARGO_INCREMENTAL=1/0 for every build (default: cargo's default, on for dev)")
     parser.add_argument("--project", type=Path, help="benchmark this git repository of a Rust project instead of "
                         "the bundled realistic workspace (see bench/project.py)")
+    parser.add_argument("--debian-crate", metavar="NAME[-VERSION]", help="benchmark one real crate from "
+                        "/usr/share/cargo/registry as a project (see bench/debian_project.py)")
     parser.add_argument("--cargo-home", type=Path, help="with --project: CARGO_HOME (default $CARGO_HOME or ~/.cargo)")
     parser.add_argument("--edit", help="with --project: file (relative to the repository) that gets the one-line "
                         "change (default: the root package's src/main.rs or src/lib.rs)")
@@ -364,9 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rsnap", help="the rsnap executable to time (default: this checkout, pip-installed into a "
                         "venv under the work dir, as a CI job would install it)")
     args = parser.parse_args(argv)
-    if args.edit_kind and args.edit_kind != "code" and args.edit_kind != ("comment" if args.project else "const"):
-        parser.error(f"--edit-kind {args.edit_kind} is only for {'the bundled workspace' if args.project else '--project'}")
-    default_root = "/tmp/rsnap-bench-project" if args.project else "/tmp/rsnap-bench"
+    as_project = bool(args.project or args.debian_crate)
+    if args.project and args.debian_crate:
+        parser.error("--project and --debian-crate exclude each other")
+    if args.edit_kind and args.edit_kind != "code" and args.edit_kind != ("comment" if as_project else "const"):
+        parser.error(f"--edit-kind {args.edit_kind} is only for {'the bundled workspace' if as_project else '--project'}")
+    default_root = "/tmp/rsnap-bench-project" if as_project else "/tmp/rsnap-bench"
     root = args.root or Path(os.environ.get("RSNAP_BENCH_DIR", default_root))
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ class Project:
     extra_env: dict[str, str] = field(default_factory=dict)
     lockfile: bytes | None = None  # Cargo.lock to put in every clone when the repository has none
     edit_kind: str = "comment"
+    server: object | None = None  # a registry server to stop at the end (bench/debian_project.py)
 
     @property
     def ws(self) -> Path:
@@ -66,6 +67,8 @@ class Project:
         path.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
         empty_trash(self.root)
 
 
