@@ -13,6 +13,7 @@ decision after restore equals its decision on the saving machine: never stale.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -82,12 +83,15 @@ def source_dirs(ws) -> list[Path]:
     return out
 
 
-def extra_input_paths(ws) -> list[Path]:
-    """dep-info and rerun-if-changed paths outside the path packages, $CARGO_HOME and the sysroot."""
-    covered = [str(d) for d in source_dirs(ws)]
-    skip_under = [str(d) for d in (ws.cargo_home, ws.target_dir, ws.build_dir)]
+def extra_input_paths(ws, linked: set[str] = frozenset()) -> list[Path]:
+    """dep-info and rerun-if-changed paths outside the path packages, $CARGO_HOME and the sysroot,
+    plus the `linked` targets of symlinks found in the path packages. Compared and recorded as
+    real paths: cargo follows a symlink to its target, so the target is what must be re-timed."""
+    covered = [os.path.realpath(d) for d in source_dirs(ws)]
+    not_inputs = [str(d) for d in (ws.cargo_home, ws.target_dir, ws.build_dir)]
+    skip_under = [os.path.realpath(d) for d in not_inputs]
     root = str(ws.root)
-    found: set[str] = set()
+    found: set[str] = set(linked)
     for tree in {ws.target_dir, ws.build_dir}:
         for d in cargo_layout.iter_depinfo_files(tree):
             try:
@@ -95,7 +99,9 @@ def extra_input_paths(ws) -> list[Path]:
             except OSError:
                 continue
             for p in cargo_layout.parse_makefile_depinfo(text):
-                found.add(os.path.normpath(p if p.startswith("/") else os.path.join(root, p)))
+                p = os.path.normpath(p if p.startswith("/") else os.path.join(root, p))
+                if not _below_any(p, not_inputs):  # most paths are registry sources: no realpath for them
+                    found.add(os.path.realpath(p))
         for pkg, out in cargo_layout.iter_build_script_outputs(tree):
             pkg_dir = ws.package_dirs_by_name.get(pkg)
             if pkg_dir is None:
@@ -105,7 +111,7 @@ def extra_input_paths(ws) -> list[Path]:
             except OSError:
                 continue
             for p in cargo_layout.rerun_if_changed_paths(text):
-                found.add(os.path.normpath(os.path.join(pkg_dir, p)))
+                found.add(os.path.realpath(os.path.join(pkg_dir, p)))
     return sorted(Path(p) for p in found
                   if not _below_any(p, covered) and not _below_any(p, skip_under) and os.path.exists(p))
 
@@ -120,10 +126,12 @@ def record_sources(ws) -> tuple[list[list], list[str]]:
     skip = _skip_dirs(ws)
     records: dict[str, list] = {}
     tops = source_dirs(ws)
+    linked: set[str] = set()  # targets of symlinked files (symlinked dirs: their files are in dep-info)
     for top in tops:
         for d, _is_dir, entries in _walk_sources(top, skip):
             _record(records, d, ws.root, entries)
-    for extra in extra_input_paths(ws):
+            linked.update(os.path.realpath(de.path) for de in entries if de.is_symlink() and de.is_file())
+    for extra in extra_input_paths(ws, linked):
         if extra.is_dir():
             for d, _is_dir, entries in _walk_sources(extra, skip):
                 _record(records, d, ws.root, entries)
@@ -210,10 +218,30 @@ def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bum
                 stats.retimed += 1
                 faults.point("restore.retime")
         elif st.st_mtime_ns <= newest_artifact_ns:
-            os.utime(path, ns=(st.st_atime_ns, bump_ns))
+            _push_forward(path, st, bump_ns, newest_artifact_ns)
             stats.bumped += 1
             faults.point("restore.retime")
         else:
             stats.newer += 1
     except OSError:
         pass  # unreadable or vanished: cargo will see it as changed or missing
+
+
+def _push_forward(path: Path, st, bump_ns: int, newest_artifact_ns: int) -> None:
+    """Make a changed input newer than every restored artifact. Setting an explicit time needs
+    ownership; setting "now" only write access (a file of another user, e.g. outside the
+    workspace). If neither works cargo would trust a stale artifact: say so."""
+    try:
+        os.utime(path, ns=(st.st_atime_ns, bump_ns))
+        return
+    except PermissionError:
+        pass
+    try:
+        os.utime(path)
+        if path.stat().st_mtime_ns > newest_artifact_ns:
+            return
+    except OSError:
+        pass
+    sys.stderr.write(f"rsnap: warning: {path} changed since the snapshot but its mtime cannot be made newer "
+                     "than the restored artifacts (permission denied); run `cargo clean -p` on the packages "
+                     "that read it\n")

@@ -144,3 +144,78 @@ def test_manifest_path_from_another_directory(built_workspace, tmp_path):
     restored = rsnap(ws, store, "restore", "--manifest-path", manifest, "--json", cwd=elsewhere).check().data
     assert restored["result"] == "exact" and restored["files_written"] == 0
     assert ws.build("build", "--offline").all_fresh()
+
+
+def test_source_symlinked_from_outside_the_workspace_is_never_stale(tmp_path):
+    """`src/shared.rs` is a symlink to a file outside the repository (cargo follows it). The
+    target is recorded at save, so a runner whose copy of it differs, even with an old mtime,
+    rebuilds instead of trusting the restored fingerprint."""
+    import os
+    import subprocess
+    import sys
+    from cargo_util import run_cargo_json
+    from fixtures.tools.common import cargo_env
+
+    origin, external = tmp_path / "origin", tmp_path / "external"
+    (origin / "src").mkdir(parents=True)
+    external.mkdir()
+    (origin / "Cargo.toml").write_text('[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n')
+    (origin / "src" / "main.rs").write_text('mod shared;\nfn main() { println!("{}", shared::answer()); }\n')
+    shared = external / "shared.rs"
+    shared.write_text("pub fn answer() -> u32 { 1 }\n")
+    (origin / "src" / "shared.rs").symlink_to(shared)
+    git = lambda *a, cwd=origin: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
+    checkout, store = tmp_path / "checkout", tmp_path / "store"
+    env = cargo_env(tmp_path / "home", RSNAP_STORE=str(store))
+    env.pop("CI", None)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repo")
+
+    def fresh_clone():
+        shutil.rmtree(checkout, ignore_errors=True)
+        git("clone", "-q", str(origin), str(checkout), cwd=tmp_path)
+
+    def rsnap_cmd(*args):
+        proc = subprocess.run([sys.executable, "-m", "rsnap", *args], cwd=checkout, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+    fresh_clone()
+    assert run_cargo_json(checkout, env, "build").check().compiled() == {"app"}
+    rsnap_cmd("save")
+    # another runner: its copy of the outside file differs and is older than every artifact
+    shared.write_text("pub fn answer() -> u32 { 2 }\n")
+    hour_ago = (checkout / "target" / "debug" / "app").stat().st_mtime_ns - 3600 * 10**9
+    os.utime(shared, ns=(hour_ago, hour_ago))
+    fresh_clone()
+    rsnap_cmd("restore")
+    assert run_cargo_json(checkout, env, "build").check().compiled() == {"app"}
+    out = subprocess.run([str(checkout / "target" / "debug" / "app")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"
+
+
+def test_changed_input_owned_by_another_user_is_still_pushed_forward(tmp_path, monkeypatch, capsys):
+    """Only a file's owner may set its mtime to a chosen time; any writer may set it to now.
+    When the first is refused (EPERM), the changed input still ends newer than every artifact."""
+    import os
+    import time
+    from rsnap import mtimes
+
+    path = tmp_path / "shared.rs"
+    path.write_text("changed\n")
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(old, old))
+    real_utime = os.utime
+
+    def utime_as_non_owner(p, *args, ns=None, **kw):
+        if ns is not None:
+            raise PermissionError(1, "Operation not permitted", str(p))
+        return real_utime(p, *args, **kw)
+
+    monkeypatch.setattr(os, "utime", utime_as_non_owner)
+    newest_artifact = old + 10**9
+    stats = mtimes.RetimeStats()
+    mtimes._retime(path, None, newest_artifact, newest_artifact + 10**9, stats)
+    assert path.stat().st_mtime_ns > newest_artifact and stats.bumped == 1
+    assert "warning" not in capsys.readouterr().err
