@@ -31,9 +31,12 @@ class RetimeStats:
         self.kept = 0         # content matched, mtime already right
         self.bumped = 0       # changed or new, made newer than every artifact
         self.newer = 0        # changed or new, already newer than every artifact
+        # (st_dev, st_ino) of files found changed: a file reached under two names (one a symlink)
+        # that matches one record and not the other must end newer, never re-timed back
+        self.changed: set[tuple[int, int]] = set()
 
     def as_dict(self):
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "changed"}
 
 
 def _skip_dirs(ws) -> set[Path]:
@@ -83,15 +86,14 @@ def source_dirs(ws) -> list[Path]:
     return out
 
 
-def extra_input_paths(ws, linked: set[str] = frozenset()) -> list[Path]:
-    """dep-info and rerun-if-changed paths outside the path packages, $CARGO_HOME and the sysroot,
-    plus the `linked` targets of symlinks found in the path packages. Compared and recorded as
-    real paths: cargo follows a symlink to its target, so the target is what must be re-timed."""
-    covered = [os.path.realpath(d) for d in source_dirs(ws)]
+def extra_input_paths(ws) -> list[Path]:
+    """dep-info and rerun-if-changed paths the walk of the path packages does not reach: those
+    outside them (and outside $CARGO_HOME and the target dirs), and those inside that go through
+    a symlinked directory (the walk does not follow one; cargo does)."""
+    covered = [str(d) for d in source_dirs(ws)]
     not_inputs = [str(d) for d in (ws.cargo_home, ws.target_dir, ws.build_dir)]
-    skip_under = [os.path.realpath(d) for d in not_inputs]
     root = str(ws.root)
-    found: set[str] = set(linked)
+    found: set[str] = set()
     for tree in {ws.target_dir, ws.build_dir}:
         for d in cargo_layout.iter_depinfo_files(tree):
             try:
@@ -99,9 +101,7 @@ def extra_input_paths(ws, linked: set[str] = frozenset()) -> list[Path]:
             except OSError:
                 continue
             for p in cargo_layout.parse_makefile_depinfo(text):
-                p = os.path.normpath(p if p.startswith("/") else os.path.join(root, p))
-                if not _below_any(p, not_inputs):  # most paths are registry sources: no realpath for them
-                    found.add(os.path.realpath(p))
+                found.add(os.path.normpath(p if p.startswith("/") else os.path.join(root, p)))
         for pkg, out in cargo_layout.iter_build_script_outputs(tree):
             pkg_dir = ws.package_dirs_by_name.get(pkg)
             if pkg_dir is None:
@@ -111,9 +111,27 @@ def extra_input_paths(ws, linked: set[str] = frozenset()) -> list[Path]:
             except OSError:
                 continue
             for p in cargo_layout.rerun_if_changed_paths(text):
-                found.add(os.path.realpath(os.path.join(pkg_dir, p)))
+                found.add(os.path.normpath(os.path.join(pkg_dir, p)))
+    linked = _SymlinkedDirs(covered)
     return sorted(Path(p) for p in found
-                  if not _below_any(p, covered) and not _below_any(p, skip_under) and os.path.exists(p))
+                  if not _below_any(p, not_inputs) and (not _below_any(p, covered) or linked.below_one(p))
+                  and os.path.exists(p))
+
+
+class _SymlinkedDirs:
+    """Does a path inside the walked dirs go through a symlinked directory below them?"""
+
+    def __init__(self, covered: list[str]):
+        self.covered = {c: os.path.realpath(c) for c in covered}
+        self.answers: dict[str, bool] = {}
+
+    def below_one(self, path: str) -> bool:
+        parent = os.path.dirname(path)
+        if parent not in self.answers:
+            top = next((c for c in self.covered if _below_any(parent, [c])), None)
+            self.answers[parent] = top is not None and os.path.realpath(parent) != os.path.normpath(
+                os.path.join(self.covered[top], os.path.relpath(parent, top)))
+        return self.answers[parent]
 
 
 def _below_any(path: str, dirs: list[str]) -> bool:
@@ -122,16 +140,15 @@ def _below_any(path: str, dirs: list[str]) -> bool:
 
 
 def record_sources(ws) -> tuple[list[list], list[str]]:
-    """[path, type, size, mtime_ns, digest] for every input cargo may check by mtime."""
+    """[path, type, size, mtime_ns, digest] for every input cargo may check by mtime. A symlinked
+    file is recorded like a file, by the content and mtime cargo sees through it."""
     skip = _skip_dirs(ws)
     records: dict[str, list] = {}
     tops = source_dirs(ws)
-    linked: set[str] = set()  # targets of symlinked files (symlinked dirs: their files are in dep-info)
     for top in tops:
         for d, _is_dir, entries in _walk_sources(top, skip):
             _record(records, d, ws.root, entries)
-            linked.update(os.path.realpath(de.path) for de in entries if de.is_symlink() and de.is_file())
-    for extra in extra_input_paths(ws, linked):
+    for extra in extra_input_paths(ws):
         if extra.is_dir():
             for d, _is_dir, entries in _walk_sources(extra, skip):
                 _record(records, d, ws.root, entries)
@@ -148,7 +165,7 @@ def _record(records, d: Path, root: Path, entries) -> None:
     name = _display(d, root)
     records[name] = [name, "d", 0, st.st_mtime_ns, _dir_digest(entries)]
     for de in entries:
-        if de.is_file(follow_symlinks=False):
+        if de.is_file():  # follows symlinks, as cargo does
             _record_file(records, Path(de.path), root)
 
 
@@ -177,7 +194,7 @@ def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact
             continue
         for d, _is_dir, entries in _walk_sources(top, skip):
             for de in entries:
-                if de.is_file(follow_symlinks=False):
+                if de.is_file():  # follows symlinks, as cargo does
                     name = _display(Path(de.path), ws.root)
                     if name not in seen:
                         seen.add(name)
@@ -210,18 +227,23 @@ def _retime_file(path: Path, rec, newest_artifact_ns: int, bump_ns: int, stats: 
 def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bump_ns: int, stats) -> None:
     try:
         st = path.stat()
-        if recorded_mtime is not None:
+        inode = (st.st_dev, st.st_ino)
+        if recorded_mtime is not None and inode not in stats.changed:
             if st.st_mtime_ns == recorded_mtime:
                 stats.kept += 1
             else:
                 os.utime(path, ns=(st.st_atime_ns, recorded_mtime))
                 stats.retimed += 1
                 faults.point("restore.retime")
+        elif recorded_mtime is not None:
+            pass  # also reached under another name (a symlink) that found it changed: stays newer
         elif st.st_mtime_ns <= newest_artifact_ns:
+            stats.changed.add(inode)
             _push_forward(path, st, bump_ns, newest_artifact_ns)
             stats.bumped += 1
             faults.point("restore.retime")
         else:
+            stats.changed.add(inode)
             stats.newer += 1
     except OSError:
         pass  # unreadable or vanished: cargo will see it as changed or missing

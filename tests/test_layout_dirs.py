@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from cargo_util import create_workspace
 from rsnap_util import rsnap
 
@@ -146,10 +147,12 @@ def test_manifest_path_from_another_directory(built_workspace, tmp_path):
     assert ws.build("build", "--offline").all_fresh()
 
 
-def test_source_symlinked_from_outside_the_workspace_is_never_stale(tmp_path):
-    """`src/shared.rs` is a symlink to a file outside the repository (cargo follows it). The
-    target is recorded at save, so a runner whose copy of it differs, even with an old mtime,
-    rebuilds instead of trusting the restored fingerprint."""
+@pytest.mark.parametrize("linked", ["file", "dir"])
+def test_source_symlinked_from_outside_the_workspace_is_never_stale(tmp_path, linked):
+    """`src/shared.rs` is a symlink to a file outside the repository, or `src/shared/` to a
+    directory of modules there (cargo follows both). What they point to is recorded at save,
+    so a runner whose copy differs, even with an old mtime, rebuilds instead of trusting the
+    restored fingerprint."""
     import os
     import subprocess
     import sys
@@ -161,9 +164,12 @@ def test_source_symlinked_from_outside_the_workspace_is_never_stale(tmp_path):
     external.mkdir()
     (origin / "Cargo.toml").write_text('[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n')
     (origin / "src" / "main.rs").write_text('mod shared;\nfn main() { println!("{}", shared::answer()); }\n')
-    shared = external / "shared.rs"
+    shared = external / ("shared.rs" if linked == "file" else "mod.rs")
     shared.write_text("pub fn answer() -> u32 { 1 }\n")
-    (origin / "src" / "shared.rs").symlink_to(shared)
+    if linked == "file":
+        (origin / "src" / "shared.rs").symlink_to(shared)
+    else:
+        (origin / "src" / "shared").symlink_to(external, target_is_directory=True)
     git = lambda *a, cwd=origin: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
     checkout, store = tmp_path / "checkout", tmp_path / "store"
     env = cargo_env(tmp_path / "home", RSNAP_STORE=str(store))
@@ -219,3 +225,4 @@ def test_changed_input_owned_by_another_user_is_still_pushed_forward(tmp_path, m
     mtimes._retime(path, None, newest_artifact, newest_artifact + 10**9, stats)
     assert path.stat().st_mtime_ns > newest_artifact and stats.bumped == 1
     assert "warning" not in capsys.readouterr().err
+
