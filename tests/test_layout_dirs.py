@@ -70,11 +70,7 @@ def test_path_dependency_outside_the_workspace_is_normalized(tmp_path):
     resolving `cargo metadata`, so its sources are recorded and re-timed: fresh after a fresh
     clone, rebuilt (never stale) when it was edited."""
     import subprocess
-    from cargo_util import run_cargo_json
-    from fixtures.tools.common import cargo_env
-
-    origin = tmp_path / "origin"
-    files = {
+    repo = _GitProject(tmp_path, {
         "app/Cargo.toml": '[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n\n'
                           '[dependencies]\nextlib = { path = "../extlib" }\n',
         "app/src/main.rs": 'fn main() { println!("{}", extlib::answer()); }\n',
@@ -83,52 +79,22 @@ def test_path_dependency_outside_the_workspace_is_normalized(tmp_path):
         # no rerun-if-changed: cargo reruns the script when any file of the package is newer
         "extlib/build.rs": "fn main() {}\n",
         "extlib/notes.txt": "read by nobody, checked by cargo\n",
-    }
-    for rel, text in files.items():
-        (origin / rel).parent.mkdir(parents=True, exist_ok=True)
-        (origin / rel).write_text(text)
-    git = lambda *a, cwd=origin: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
-    checkout, store = tmp_path / "checkout", tmp_path / "store"
-    env = cargo_env(tmp_path / "home", RSNAP_STORE=str(store))
-    env.pop("CI", None)
-    subprocess.run(["cargo", "generate-lockfile", "--offline"], cwd=origin / "app", env=env, check=True,
+    }, workdir="app")
+    subprocess.run(["cargo", "generate-lockfile", "--offline"], cwd=repo.origin / "app", env=repo.env, check=True,
                    capture_output=True)
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repo")
-
-    def fresh_clone():
-        shutil.rmtree(checkout, ignore_errors=True)
-        git("clone", "-q", str(origin), str(checkout), cwd=tmp_path)
-
-    def rsnap_cmd(*args):
-        import json
-        import sys
-        proc = subprocess.run([sys.executable, "-m", "rsnap", *args, "--json"], cwd=checkout / "app", env=env,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    def build():
-        return run_cargo_json(checkout / "app", env, "build").check()
-
-    def output():
-        return subprocess.run([str(checkout / "app" / "target" / "debug" / "app")], capture_output=True,
-                              text=True, check=True).stdout.strip()
-
-    fresh_clone()
-    assert build().compiled() == {"app", "extlib"}
-    saved = rsnap_cmd("save")
-    assert saved["sources"] >= 4
-    fresh_clone()
-    assert rsnap_cmd("restore")["result"] == "exact"
-    again = build()
+    repo.commit()
+    repo.fresh_clone()
+    assert repo.build().compiled() == {"app", "extlib"}
+    assert repo.rsnap("save")["sources"] >= 4
+    repo.fresh_clone()
+    assert repo.rsnap("restore")["result"] == "exact"
+    again = repo.build()
     assert again.all_fresh(), again.summary()
-    fresh_clone()
-    (checkout / "extlib" / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
-    assert rsnap_cmd("restore")["result"] == "exact"
-    assert build().compiled() == {"app", "extlib"}
-    assert output() == "42"
+    repo.fresh_clone()
+    (repo.checkout / "extlib" / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    assert repo.rsnap("restore")["result"] == "exact"
+    assert repo.build().compiled() == {"app", "extlib"}
+    assert repo.output() == "42"
 
 
 def test_manifest_path_from_another_directory(built_workspace, tmp_path):
@@ -154,51 +120,30 @@ def test_source_symlinked_from_outside_the_workspace_is_never_stale(tmp_path, li
     so a runner whose copy differs, even with an old mtime, rebuilds instead of trusting the
     restored fingerprint."""
     import os
-    import subprocess
-    import sys
-    from cargo_util import run_cargo_json
-    from fixtures.tools.common import cargo_env
-
-    origin, external = tmp_path / "origin", tmp_path / "external"
-    (origin / "src").mkdir(parents=True)
+    repo = _GitProject(tmp_path, {
+        "Cargo.toml": '[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n',
+        "src/main.rs": 'mod shared;\nfn main() { println!("{}", shared::answer()); }\n',
+    })
+    external = tmp_path / "external"
     external.mkdir()
-    (origin / "Cargo.toml").write_text('[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n')
-    (origin / "src" / "main.rs").write_text('mod shared;\nfn main() { println!("{}", shared::answer()); }\n')
     shared = external / ("shared.rs" if linked == "file" else "mod.rs")
     shared.write_text("pub fn answer() -> u32 { 1 }\n")
     if linked == "file":
-        (origin / "src" / "shared.rs").symlink_to(shared)
+        (repo.origin / "src" / "shared.rs").symlink_to(shared)
     else:
-        (origin / "src" / "shared").symlink_to(external, target_is_directory=True)
-    git = lambda *a, cwd=origin: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
-    checkout, store = tmp_path / "checkout", tmp_path / "store"
-    env = cargo_env(tmp_path / "home", RSNAP_STORE=str(store))
-    env.pop("CI", None)
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repo")
-
-    def fresh_clone():
-        shutil.rmtree(checkout, ignore_errors=True)
-        git("clone", "-q", str(origin), str(checkout), cwd=tmp_path)
-
-    def rsnap_cmd(*args):
-        proc = subprocess.run([sys.executable, "-m", "rsnap", *args], cwd=checkout, env=env,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-
-    fresh_clone()
-    assert run_cargo_json(checkout, env, "build").check().compiled() == {"app"}
-    rsnap_cmd("save")
+        (repo.origin / "src" / "shared").symlink_to(external, target_is_directory=True)
+    repo.commit()
+    repo.fresh_clone()
+    assert repo.build().compiled() == {"app"}
+    repo.rsnap("save")
     # another runner: its copy of the outside file differs and is older than every artifact
     shared.write_text("pub fn answer() -> u32 { 2 }\n")
-    hour_ago = (checkout / "target" / "debug" / "app").stat().st_mtime_ns - 3600 * 10**9
+    hour_ago = (repo.checkout / "target" / "debug" / "app").stat().st_mtime_ns - 3600 * 10**9
     os.utime(shared, ns=(hour_ago, hour_ago))
-    fresh_clone()
-    rsnap_cmd("restore")
-    assert run_cargo_json(checkout, env, "build").check().compiled() == {"app"}
-    out = subprocess.run([str(checkout / "target" / "debug" / "app")], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "2"
+    repo.fresh_clone()
+    repo.rsnap("restore")
+    assert repo.build().compiled() == {"app"}
+    assert repo.output() == "2"
 
 
 def test_changed_input_owned_by_another_user_is_still_pushed_forward(tmp_path, monkeypatch, capsys):
@@ -226,3 +171,47 @@ def test_changed_input_owned_by_another_user_is_still_pushed_forward(tmp_path, m
     assert path.stat().st_mtime_ns > newest_artifact and stats.bumped == 1
     assert "warning" not in capsys.readouterr().err
 
+
+class _GitProject:
+    """Files committed into a repository at ``tmp/origin`` (a git repo as CI would clone), fresh
+    clones of it at ``tmp/checkout``, and rsnap run from ``workdir`` in the clone."""
+
+    def __init__(self, tmp_path, files: dict[str, str], workdir: str = ""):
+        import subprocess
+        from fixtures.tools.common import cargo_env
+        self.tmp, self.origin, self.checkout = tmp_path, tmp_path / "origin", tmp_path / "checkout"
+        self.workdir = self.checkout / workdir
+        self.env = cargo_env(tmp_path / "home", RSNAP_STORE=str(tmp_path / "store"))
+        self.env.pop("CI", None)
+        for rel, text in files.items():
+            (self.origin / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.origin / rel).write_text(text)
+        self._git = lambda *a, cwd=self.origin: subprocess.run(["git", *a], cwd=cwd, check=True,  # noqa: E731
+                                                                capture_output=True)
+
+    def commit(self) -> None:
+        self._git("init", "-q")
+        self._git("add", "-A")
+        self._git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repo")
+
+    def fresh_clone(self) -> None:
+        shutil.rmtree(self.checkout, ignore_errors=True)
+        self._git("clone", "-q", str(self.origin), str(self.checkout), cwd=self.tmp)
+
+    def rsnap(self, *args) -> dict:
+        import json
+        import subprocess
+        import sys
+        proc = subprocess.run([sys.executable, "-m", "rsnap", *args, "--json"], cwd=self.workdir, env=self.env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def build(self):
+        from cargo_util import run_cargo_json
+        return run_cargo_json(self.workdir, self.env, "build").check()
+
+    def output(self, binary: str = "target/debug/app") -> str:
+        import subprocess
+        return subprocess.run([str(self.workdir / binary)], capture_output=True, text=True,
+                              check=True).stdout.strip()
