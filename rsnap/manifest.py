@@ -58,12 +58,14 @@ class Root:
 class Manifest:
     def __init__(self, *, key: str, created_ns: int, workspace_root: str, cargo_home: str, rsnap_version: str,
                  key_inputs: dict, roots: list[Root], sources: list[list], source_dirs: list[str],
-                 blobs: dict[str, list], chunks: dict[str, list[str]] | None = None, format: int = FORMAT_VERSION):
+                 blobs: dict[str, list], chunks: dict[str, list[str]] | None = None, format: int = FORMAT_VERSION,
+                 source_links: list[list] | None = None):
         self.key, self.created_ns, self.rsnap_version, self.format = key, created_ns, rsnap_version, format
         self.workspace_root, self.cargo_home, self.key_inputs = workspace_root, cargo_home, key_inputs
         self.roots, self.sources, self.source_dirs = roots, sources, source_dirs
         self.blobs = blobs
         self.chunks = chunks if chunks is not None else {}
+        self.source_links = source_links if source_links is not None else []
 
     def root(self, name: str) -> Root | None:
         return next((r for r in self.roots if r.name == name), None)
@@ -84,6 +86,8 @@ def dumps(m: Manifest) -> bytes:
                    "entries": [e.to_list() for e in r.entries]} for r in m.roots],
         "sources": m.sources, "source_dirs": m.source_dirs, "blobs": m.blobs, "chunks": m.chunks,
     }
+    if m.source_links:  # optional: rsnap before it ignores the field (and symlinks, as cargo does)
+        doc["source_links"] = m.source_links
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return zstandard.ZstdCompressor(level=6).compress(raw)
 
@@ -179,6 +183,14 @@ def _build(doc: dict) -> Manifest:
     _require(isinstance(source_dirs, list), "source_dirs must be a list")
     for d in source_dirs:
         _check_source_path(d)
+    source_links = doc.get("source_links", [])
+    _require(isinstance(source_links, list), "source_links must be a list")
+    for link in source_links:
+        _require(isinstance(link, list) and len(link) == 3, "bad source link record")
+        _check_source_path(link[0])
+        _check_source_path(link[2])
+        _require(isinstance(link[1], str) and 0 < len(link[1]) <= 4096 and "\x00" not in link[1],
+                 f"bad source link text for {link[0]}")
     created_ns = doc["created_ns"]
     _require(isinstance(created_ns, int) and 0 <= created_ns < 1 << 63, "bad created_ns")
     return Manifest(
@@ -186,6 +198,7 @@ def _build(doc: dict) -> Manifest:
         created_ns=created_ns, workspace_root=str(doc["workspace_root"]),
         cargo_home=str(doc["cargo_home"]), key_inputs=dict(doc.get("key_inputs", {})),
         roots=roots, sources=sources, source_dirs=source_dirs, blobs=blobs, chunks=chunks,
+        source_links=source_links,
     )
 
 

@@ -139,25 +139,27 @@ def _below_any(path: str, dirs: list[str]) -> bool:
     return any(path == d or path.startswith(d if d.endswith("/") else d + "/") for d in dirs)
 
 
-def record_sources(ws) -> tuple[list[list], list[str]]:
-    """[path, type, size, mtime_ns, digest] for every input cargo may check by mtime. A symlinked
-    file is recorded like a file, by the content and mtime cargo sees through it."""
+def record_sources(ws) -> tuple[list[list], list[str], list[list]]:
+    """[path, type, size, mtime_ns, digest] for every input cargo may check by mtime (a symlinked
+    file is recorded like a file, by the content and mtime cargo sees through it), the walked
+    dirs, and [path, link text, resolved path] of every symlink in them (see _push_old_targets)."""
     skip = _skip_dirs(ws)
     records: dict[str, list] = {}
+    links: dict[str, list] = {}
     tops = source_dirs(ws)
     for top in tops:
         for d, _is_dir, entries in _walk_sources(top, skip):
-            _record(records, d, ws.root, entries)
+            _record(records, d, ws.root, entries, links)
     for extra in extra_input_paths(ws):
         if extra.is_dir():
             for d, _is_dir, entries in _walk_sources(extra, skip):
-                _record(records, d, ws.root, entries)
+                _record(records, d, ws.root, entries, links)
         else:
             _record_file(records, extra, ws.root)
-    return list(records.values()), [_display(t, ws.root) for t in tops]
+    return list(records.values()), [_display(t, ws.root) for t in tops], list(links.values())
 
 
-def _record(records, d: Path, root: Path, entries) -> None:
+def _record(records, d: Path, root: Path, entries, links: dict[str, list]) -> None:
     try:
         st = d.stat()
     except OSError:
@@ -167,6 +169,13 @@ def _record(records, d: Path, root: Path, entries) -> None:
     for de in entries:
         if de.is_file():  # follows symlinks, as cargo does
             _record_file(records, Path(de.path), root)
+        if de.is_symlink():
+            try:
+                text = os.readlink(de.path)
+            except OSError:
+                continue
+            link = _display(Path(de.path), root)
+            links[link] = [link, text, _display(Path(os.path.realpath(de.path)), root)]
 
 
 def _record_file(records, path: Path, root: Path) -> None:
@@ -179,7 +188,8 @@ def _record_file(records, path: Path, root: Path) -> None:
     records[name] = [name, "f", st.st_size, st.st_mtime_ns, digest]
 
 
-def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact_ns: int) -> RetimeStats:
+def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact_ns: int,
+              links: list[list] = ()) -> RetimeStats:
     """Set recorded mtimes back on unchanged inputs; push changed/new ones past every artifact."""
     stats = RetimeStats()
     bump_ns = max(time.time_ns(), newest_artifact_ns + 1_000_000_000)
@@ -210,7 +220,27 @@ def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact
             path = _resolve(name, ws.root)
             if path.is_file():
                 _retime_file(path, rec, newest_artifact_ns, bump_ns, stats)
+    _push_old_targets(ws.root, links, by_name, newest_artifact_ns, bump_ns, stats)
     return stats
+
+
+def _push_old_targets(root: Path, links: list[list], by_name: dict, newest_artifact_ns: int, bump_ns: int,
+                      stats: RetimeStats) -> None:
+    """Cargo's fingerprints name a symlinked source by the path it resolved to at build time. A
+    link that now points elsewhere (or is gone) leaves that old target unchanged and looking
+    fresh, though rustc would read other content: push the old target (and, for a linked dir,
+    the recorded files below it) past every artifact. Plain cargo misses this case."""
+    for name, text, old_real in links:
+        path = _resolve(name, root)
+        try:
+            if os.readlink(path) == text:
+                continue
+        except OSError:
+            pass  # no longer a symlink
+        old, prefix = _resolve(old_real, root), name + "/"
+        for p in [old] + [old / n[len(prefix):] for n in by_name if n.startswith(prefix)]:
+            if p.is_file():
+                _retime(p, None, newest_artifact_ns, bump_ns, stats)
 
 
 def _retime_file(path: Path, rec, newest_artifact_ns: int, bump_ns: int, stats: RetimeStats) -> None:

@@ -193,7 +193,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                     if spec.path.is_dir():
                         caches.append(scan.StatCache(spec.path).load())
                         jobs.append(_start_root(spec, caches[-1], pool, seen, claims))
-                sources, source_dirs = mtimes.record_sources(ws)
+                sources, source_dirs, source_links = mtimes.record_sources(ws)
                 for job in jobs:
                     roots.append(_finish_root(job, seen, writer, claims, stats, bar))
                 writer.ship()  # the last pack is written (and fsynced) while the manifest is made
@@ -205,7 +205,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
             m = mf.Manifest(
                 key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
                 rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
-                source_dirs=source_dirs, blobs=blobs, chunks=chunks,
+                source_dirs=source_dirs, blobs=blobs, chunks=chunks, source_links=source_links,
             )
             data = mf.dumps(m)
             _arm_keeping_stat_caches(ws, caches)
@@ -509,7 +509,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
                 _write_links_and_meta(plan, stats)
             # Sources are normalized before fingerprints are put in place: an interruption before
             # this point leaves no fingerprint that could vouch for a source not yet re-timed.
-            retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest)
+            retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest, m.source_links)
             _put_in_place(held_back, plans)
         except BaseException:
             _discard(held_back)

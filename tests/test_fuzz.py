@@ -53,6 +53,7 @@ def valid_doc() -> dict:
         "sources": [["crates/app/src/main.rs", "f", 3, 4, BLOB_A], [".", "d", 0, 4, BLOB_B],
                     ["/usr/include/zlib.h", "f", 3, 4, BLOB_A]],
         "source_dirs": [".", "/elsewhere/pkg"],
+        "source_links": [["crates/app/src/shared.rs", "impl1.rs", "crates/app/src/impl1.rs"]],
         "blobs": {BLOB_A: [PACK, 0, 20, 10], BLOB_B: [PACK, 20, 20, 16]},
         "chunks": {CHUNKED: [BLOB_B, BLOB_A, BLOB_B]},
     }
@@ -134,6 +135,8 @@ def _check_invariants(m: mf.Manifest) -> None:
         assert isinstance(s[3], int) and ".." not in s[0].split("/")
     for d in m.source_dirs:
         assert d != "/" and ".." not in d.split("/")
+    for name, text, old_real in m.source_links:
+        assert ".." not in name.split("/") and ".." not in old_real.split("/") and isinstance(text, str) and text
 
 
 def _loads(data: bytes):
@@ -172,7 +175,8 @@ FIELDS = [("format",), ("created_ns",), ("roots",), ("blobs",), ("sources",), ("
           *[("roots", 1, "entries", i, j) for i in range(2) for j in range(6)],
           ("blobs", BLOB_A), *[("blobs", BLOB_A, j) for j in range(4)],
           ("chunks",), ("chunks", CHUNKED), *[("chunks", CHUNKED, j) for j in range(3)],
-          *[("sources", i, j) for i in range(3) for j in range(5)], ("source_dirs", 0), ("source_dirs", 1)]
+          *[("sources", i, j) for i in range(3) for j in range(5)], ("source_dirs", 0), ("source_dirs", 1),
+          ("source_links",), ("source_links", 0), *[("source_links", 0, j) for j in range(3)]]
 
 
 @FUZZ

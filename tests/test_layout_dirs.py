@@ -146,6 +146,37 @@ def test_source_symlinked_from_outside_the_workspace_is_never_stale(tmp_path, li
     assert repo.output() == "2"
 
 
+@pytest.mark.parametrize("linked", ["file", "dir"])
+def test_symlink_pointed_at_other_unchanged_files_is_never_stale(tmp_path, linked):
+    """A commit points a symlinked source (a file, or a directory of modules) at other files of the
+    repository, none of which changed. Cargo's fingerprint names the path the link resolved to
+    when it was built, so plain cargo would reuse the old binary; restore pushes that old target
+    forward and cargo rebuilds."""
+    files = {"Cargo.toml": '[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n',
+             "src/main.rs": 'mod shared;\nfn main() { println!("{}", shared::answer()); }\n'}
+    for v in ("1", "2"):
+        files[f"src/impl{v}.rs" if linked == "file" else f"v{v}/mod.rs"] = f"pub fn answer() -> u32 {{ {v} }}\n"
+    repo = _GitProject(tmp_path, files)
+    link = repo.origin / "src" / ("shared.rs" if linked == "file" else "shared")
+    for v in ("1", "2"):
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(f"impl{v}.rs" if linked == "file" else f"../v{v}", target_is_directory=linked == "dir")
+        repo.commit()
+    repo.fresh_clone("HEAD~1")
+    assert repo.build().compiled() == {"app"}
+    assert repo.output() == "1"
+    repo.rsnap("save")
+    repo.fresh_clone("HEAD~1")
+    repo.rsnap("restore")
+    fresh = repo.build()
+    assert fresh.all_fresh(), fresh.summary()
+    repo.fresh_clone("HEAD")
+    repo.rsnap("restore")
+    assert repo.build().compiled() == {"app"}
+    assert repo.output() == "2"
+
+
 def test_changed_input_owned_by_another_user_is_still_pushed_forward(tmp_path, monkeypatch, capsys):
     """Only a file's owner may set its mtime to a chosen time; any writer may set it to now.
     When the first is refused (EPERM), the changed input still ends newer than every artifact."""
@@ -190,13 +221,16 @@ class _GitProject:
                                                                 capture_output=True)
 
     def commit(self) -> None:
-        self._git("init", "-q")
+        if not (self.origin / ".git").exists():
+            self._git("init", "-q")
         self._git("add", "-A")
         self._git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repo")
 
-    def fresh_clone(self) -> None:
+    def fresh_clone(self, rev: str | None = None) -> None:
         shutil.rmtree(self.checkout, ignore_errors=True)
         self._git("clone", "-q", str(self.origin), str(self.checkout), cwd=self.tmp)
+        if rev:
+            self._git("checkout", "-q", rev, cwd=self.checkout)
 
     def rsnap(self, *args) -> dict:
         import json
