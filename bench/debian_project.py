@@ -16,7 +16,7 @@ from pathlib import Path
 
 import project
 import realistic
-from realistic import cargohome, cargo_env, git, mkregistry, run
+from realistic import cargo_env, git, run
 
 DEV_ONLY_SECTION = re.compile(r"\[\[?(dev-dependencies|target\..+\.dev-dependencies|test|bench|example)\b")
 
@@ -57,11 +57,8 @@ def make_origin(crate_dir: Path, origin: Path, env: dict[str, str]) -> None:
 def setup(root: Path, name: str, edit_file: str | None, extra_env: dict[str, str]) -> project.Project:
     realistic.ensure_debian_crates()
     crate_dir = find_crate(name)
-    for sub in ("cargo-home", "origin", "ws", "trash"):
-        shutil.rmtree(root / sub, ignore_errors=True)
-    server = mkregistry.serve(realistic.build_local_registry(root / "registry"))
+    server, cargo_home = realistic.serve_debian_registry(root)
     try:
-        cargo_home = cargohome.make_cargo_home(root / "cargo-home", server.index_url)
         make_origin(crate_dir, root / "origin", cargo_env(cargo_home))
         bench = project.setup(root, root / "origin", cargo_home, edit_file, extra_env)
     except BaseException:

@@ -412,17 +412,22 @@ def make_origin(origin: Path, env: dict[str, str]) -> None:
     git("commit", "-q", "-m", "realistic bench workspace", cwd=origin)
 
 
+def serve_debian_registry(root: Path):
+    """Wipe ``root`` (except the staged crates), serve the registry of all Debian crates on
+    loopback and make a CARGO_HOME that uses it: (server, cargo_home)."""
+    ensure_debian_crates()
+    for name in ("cargo-home", "origin", "ws", "trash"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    server = mkregistry.serve(build_local_registry(root / "registry"))
+    return server, cargohome.make_cargo_home(root / "cargo-home", server.index_url)
+
+
 def setup(root: Path, fetch: bool = True, extra_env: dict[str, str] | None = None) -> Realistic:
     """Create everything under ``root`` (wiped first, except the staged crates) and start the server.
 
     ``extra_env`` is added to every cargo/rsnap run (e.g. ``CARGO_INCREMENTAL=0``)."""
     root = Path(root).resolve()
-    ensure_debian_crates()
-    for name in ("cargo-home", "origin", "ws", "trash"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    registry = build_local_registry(root / "registry")
-    server = mkregistry.serve(registry)
-    cargo_home = cargohome.make_cargo_home(root / "cargo-home", server.index_url)
+    server, cargo_home = serve_debian_registry(root)
     env = cargo_env(cargo_home)
     make_origin(root / "origin", env)
     bench = Realistic(root, root / "origin", root / "ws", cargo_home, server, dict(extra_env or {}))
