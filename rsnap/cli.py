@@ -9,11 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__, commands, keys, repo, snapshot
+from . import __version__, commands, keys, snapshot
 from .cargo_layout import discover
 from .errors import StoreError
 from .progress import human_bytes
-from .store import open_store
+from .store import open_store, repo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Incremental Rust CI builds: snapshot target/ and CARGO_HOME, restore them with mtime normalization.\n\n"
@@ -187,7 +187,7 @@ def store_prune(store: Optional[str] = StoreOpt,
                 dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
                 as_json: bool = JsonOpt):
     """Delete old snapshots (keeping --keep per key) and packs no snapshot references."""
-    from . import prune
+    from .store import prune
     st = open_store(store, create=False)
     out = prune.prune(st, keep=keep, dry_run=dry_run)
     commands.emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "

@@ -10,11 +10,11 @@ import os
 import sys
 import time
 
-from . import keys, prefetch, repo, snapshot
+from . import keys, prefetch, snapshot
 from .cargo_layout import discover, RSNAP_DIR
 from .errors import RsnapError, StoreError, EXIT_USAGE
 from .progress import human_bytes
-from .store import open_store, default_store_url
+from .store import default_store_url, open_store, repo
 
 
 def emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import xxhash
 
 from . import cargo_layout, faults
-from .scan import hash_file
+from .digest import hash_file
 
 _SKIP_DIRS = {".git", ".hg", ".svn", cargo_layout.RSNAP_DIR}
 

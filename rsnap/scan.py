@@ -72,14 +72,6 @@ def _walk_dir(path: Path, rel_prefix: str, exclude):
         # sockets, fifos and devices are never part of a snapshot
 
 
-def hash_file(path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 MAP_FROM = 1 << 20
 
 

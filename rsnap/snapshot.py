@@ -24,8 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from . import __version__, cargo_layout, chunking, faults, mtimes, repo, scan, usage
-from . import manifest as mf
+from . import __version__, cargo_layout, faults, mtimes, scan, usage
+from .digest import hash_file
+from .store import chunking, repo
+from .store import manifest as mf
 from .errors import RsnapError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
 from .progress import Progress
 
@@ -611,7 +613,7 @@ def _same_content(root_path: Path, e: mf.Entry, have: scan.Found, cache, merge: 
     if cached is not None:
         return cached == e.digest
     try:
-        return scan.hash_file(root_path / e.path) == e.digest
+        return hash_file(root_path / e.path) == e.digest
     except OSError:
         return False
 

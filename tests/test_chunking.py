@@ -1,4 +1,4 @@
-"""Big files are stored as content-defined chunks (rsnap.chunking): a small edit stores only the
+"""Big files are stored as content-defined chunks (rsnap.store.chunking): a small edit stores only the
 chunks around it, and restore reassembles the exact bytes or fails loudly."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rsnap import chunking, repo, snapshot
+from rsnap import snapshot
+from rsnap.store import chunking, repo
 from rsnap.errors import StoreError
 from rsnap.store import LocalStore
 

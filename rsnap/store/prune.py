@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import time
 
+from ..errors import StoreError, FormatError
 from . import repo
-from .errors import StoreError, FormatError
 
 GRACE_SECONDS = 3600
 

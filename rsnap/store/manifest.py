@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import zstandard
 
-from .cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
-from .errors import FormatError
+from ..cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
+from ..errors import FormatError
 
 FORMAT_VERSION = 2  # 2: `chunks` (format 1 manifests are still read)
 MAX_MANIFEST_BYTES = 2 << 30

@@ -1,39 +1,22 @@
-"""Store backends: a flat key/value object space ("snapshots/…", "packs/…", "cache/…").
-
-Like sccache's storage trait, a backend knows nothing about snapshots; it only moves
-named objects. Every `put` is atomic: readers see the old object, the new one, or none.
-"""
+"""The local backend: store objects are files under a directory (a path or file:// URL)."""
 from __future__ import annotations
 
 import errno
 import fcntl
 import mmap
 import os
-import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
-from . import faults
-from .errors import RsnapError, StoreError, EXIT_NOSPACE
+from .. import faults
+from ..errors import RsnapError, StoreError, EXIT_NOSPACE
+from .base import Store, check_name
 
 MAP_FROM = 1 << 20  # get_range maps ranges this long instead of reading them
-_NAME = re.compile(r"^[A-Za-z0-9._@=+-]+(/[A-Za-z0-9._@=+-]+)*$")
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name) or any(p in (".", "..") for p in name.split("/")):
-        raise StoreError(f"invalid object name {name!r}")
-    return name
-
-
-def default_store_url() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rsnap")
-
-
-class LocalStore:
+class LocalStore(Store):
     """Objects are files under `root`; writes go to a temp file, fsync, then rename."""
 
     def __init__(self, root: Path, create: bool = True):
@@ -175,15 +158,3 @@ def _unlink_quietly(path) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def open_store(url: str | None = None, create: bool = True):
-    """Open the store named by a path or URL (file://, s3:// in a later backend)."""
-    url = url or os.environ.get("RSNAP_STORE") or default_store_url()
-    parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else url
-        if not path:
-            raise StoreError(f"invalid store URL {url!r}")
-        return LocalStore(Path(os.path.expanduser(path)), create=create)
-    raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r} (use a path or file://)")

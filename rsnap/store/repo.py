@@ -18,15 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import xxhash
 import zstandard
 
+from ..digest import digest_bytes
+from ..errors import StoreError, FormatError
 from . import manifest as mf
-from .errors import StoreError, FormatError
 
 PACK_TARGET = 16 << 20          # close a pack once it holds this many compressed bytes
 ZSTD_LEVEL = 3
-
-
-def digest_bytes(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
 
 
 def pack_name(pack_id: str) -> str:

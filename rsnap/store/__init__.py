@@ -1,0 +1,35 @@
+"""Store backends and the URL that picks one; the snapshot repository lives in rsnap.store.repo.
+
+A backend module per URL scheme: `local` (a path or file://). A remote backend plugs in
+here by its scheme, imported only when its URL is used (e.g. `s3://` -> rsnap.store.s3),
+so restore and save against a local store never pay for its client library.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import StoreError
+from .local import LocalStore
+
+__all__ = ["LocalStore", "default_store_url", "open_store"]
+
+
+def default_store_url() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rsnap")
+
+
+def open_store(url: str | None = None, create: bool = True):
+    """Open the store named by a path or URL (file://; s3:// in a later backend)."""
+    url = url or os.environ.get("RSNAP_STORE") or default_store_url()
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else url
+        if not path:
+            raise StoreError(f"invalid store URL {url!r}")
+        return LocalStore(Path(os.path.expanduser(path)), create=create)
+    # Remote backends: `if parsed.scheme == "s3": from .s3 import open_s3; return open_s3(url, create)`
+    # (a lazy import, so only s3:// users load the client library).
+    raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r} (use a path or file://)")
