@@ -34,7 +34,8 @@ for p in (REPO, REPO / "tests"):
         sys.path.insert(0, str(p))
 
 from cargo_util import create_workspace, mkgitdep, mkregistry  # noqa: E402
-from rsnap import cargo_layout, gc, usage  # noqa: E402
+from rsnap.cargo import gc, usage  # noqa: E402
+from rsnap.cargo import layout as cargo_layout  # noqa: E402
 from rsnap.progress import human_bytes  # noqa: E402
 
 import test_gc as churn  # noqa: E402  (the churn driver is shared with the acceptance test)

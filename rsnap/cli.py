@@ -9,8 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__, commands, keys, snapshot
-from .cargo_layout import discover
+from . import __version__, commands, snapshot
+from .cargo import keys
+from .cargo.layout import discover
 from .errors import StoreError
 from .progress import human_bytes
 from .store import open_store, repo
@@ -76,7 +77,7 @@ def gc_command(
     as_json: bool = JsonOpt,
 ):
     """Remove stale units, old incremental sessions and unreferenced CARGO_HOME downloads."""
-    from . import gc
+    from .cargo import gc
     ws = discover(manifest_path)
     report = gc.collect(ws, dry_run=dry_run, max_size=commands.max_size_bytes(ws, max_size), cargo_home=not keep_cargo_home)
     if as_json:
@@ -92,8 +93,8 @@ def cargo_command(ctx: typer.Context):
     manifest = next((a.split("=", 1)[1] for a in args if a.startswith("--manifest-path=")), None)
     if manifest is None and "--manifest-path" in args[:-1]:
         manifest = args[args.index("--manifest-path") + 1]
-    from . import usage
-    raise typer.Exit(usage.run_cargo(args, discover(manifest)))
+    from .cargo import usage_log
+    raise typer.Exit(usage_log.run_cargo(args, discover(manifest)))
 
 
 @app.command()

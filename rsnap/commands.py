@@ -10,8 +10,9 @@ import os
 import sys
 import time
 
-from . import keys, prefetch, snapshot
-from .cargo_layout import discover, RSNAP_DIR
+from . import snapshot
+from .cargo import keys, prefetch
+from .cargo.layout import discover, RSNAP_DIR
 from .errors import RsnapError, StoreError, EXIT_USAGE
 from .progress import human_bytes
 from .store import default_store_url, open_store, repo
@@ -80,7 +81,7 @@ def _miss(as_json, quiet, base, started, message, ws=None):
 def save(store: str | None = None, key: str | None = None, manifest_path: str | None = None,
          no_gc: bool = False, max_size: str | None = None, keep_cargo_home: bool = False,
          as_json: bool = False, quiet: bool = False) -> None:
-    from . import gc
+    from .cargo import gc
     ws = _discover(manifest_path, with_deps=True)
     cap = max_size_bytes(ws, max_size)
     k, inputs = key_and_inputs(ws, key)
@@ -115,7 +116,7 @@ def max_size_bytes(ws, option: str | None) -> int | None:
             text = None
     if text is None:
         return None
-    from . import gc
+    from .cargo import gc
     try:
         return gc.parse_size(str(text))
     except ValueError as e:

@@ -78,7 +78,7 @@ def parse_fast(argv: list[str], environ=os.environ) -> tuple[str, dict] | None:
 def run(argv: list[str]) -> int:
     fast = parse_fast(argv)
     if fast is not None:
-        from . import prefetch
+        from .cargo import prefetch
         name, kwargs = fast
         prefetch.start_discovery(kwargs["manifest_path"])  # runs while the rest is imported
         from . import commands

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, NamedTuple
 import xxhash
 import zstandard
 
-from .cargo_layout import RSNAP_DIR
+from .cargo.layout import RSNAP_DIR
 from .errors import RsnapError, EXIT_WORKSPACE
 
 STATE_FILE = "state"

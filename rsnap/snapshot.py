@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from . import __version__, cargo_layout, faults, mtimes, scan, usage
+from . import __version__, faults, scan
+from .cargo import layout as cargo_layout, mtimes, usage
 from .digest import hash_file
 from .store import chunking, repo
 from .store import manifest as mf

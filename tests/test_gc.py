@@ -20,7 +20,8 @@ import pytest
 from cargo_util import REPO_ROOT, normalize_output, run_cargo_json
 from fixtures.tools import mkgitdep
 from fixtures.tools.common import git
-from rsnap import cargo_layout, gc, usage
+from rsnap.cargo import gc, gc_cargo_home, hashes, usage
+from rsnap.cargo import layout as cargo_layout
 
 CHURN_ITERS = int(os.environ.get("RSNAP_GC_CHURN_ITERS") or (10 if os.environ.get("CI") else 20))
 
@@ -85,13 +86,13 @@ def test_cargo_rustc_hash_matches_fingerprints(built_workspace):
     """cargo's `rustc` field is hash_u64(rustc -vV); GC recomputes it exactly."""
     out = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout
     values = {json.loads(p.read_text())["rustc"] for p in built_workspace.target.glob("debug/.fingerprint/*/*.json")}
-    assert values == {gc.cargo_hash_str(out)}
+    assert values == {hashes.cargo_hash_str(out)}
 
 
 def test_git_ident_and_sizes():
     # cargo's git db dir for a file:// url: <last segment>-<short_hash(canonical url)>
-    assert gc.canonical_git_url("https://GitHub.com/Foo/Bar.git/") == "https://github.com/foo/bar"
-    assert gc.canonical_git_url("file:///tmp/x/gitdep") == "file:///tmp/x/gitdep"
+    assert gc_cargo_home.canonical_git_url("https://GitHub.com/Foo/Bar.git/") == "https://github.com/foo/bar"
+    assert gc_cargo_home.canonical_git_url("file:///tmp/x/gitdep") == "file:///tmp/x/gitdep"
     assert gc.parse_size("500M") == 500 << 20 and gc.parse_size("1.5GiB") == int(1.5 * (1 << 30))
     assert gc.parse_size("123") == 123
     with pytest.raises(ValueError):
@@ -227,10 +228,10 @@ def test_rsnap_cargo_log_without_atime(make_workspace, monkeypatch):
     usage.arm(lay(ws))
 
     def rsnap_cargo(*args, check=True):
-        code = ("import sys; from pathlib import Path; from rsnap import usage, cargo_layout as c; "
+        code = ("import sys; from pathlib import Path; from rsnap.cargo import usage_log, layout as c; "
                 "t = Path(sys.argv[1]); ws = c.Workspace(root=t.parent, target_dir=t, build_dir=t, "
                 "cargo_home=Path(sys.argv[2]), manifest_path=t.parent / 'Cargo.toml'); "
-                "sys.exit(usage.run_cargo(sys.argv[3:], ws))")
+                "sys.exit(usage_log.run_cargo(sys.argv[3:], ws))")
         proc = subprocess.run([sys.executable, "-c", code, str(ws.target), str(ws.cargo_home), *args],
                               cwd=ws.root, env={**ws.env, "PYTHONPATH": str(REPO_ROOT)},
                               capture_output=True, text=True)
@@ -274,7 +275,7 @@ def test_old_toolchain_units_removed_without_usage_signal(make_workspace):
     run_cargo_json(ws.root, {**ws.env, "RUSTUP_TOOLCHAIN": "nightly"}, "build").check()
     nightly_units = fingerprint_dirs(ws.target)
     values = {json.loads(p.read_text())["rustc"] for p in ws.target.glob("debug/.fingerprint/*/*.json")}
-    assert values == {gc.cargo_hash_str(nightly)}, "cargo's rustc hash on a second toolchain"
+    assert values == {hashes.cargo_hash_str(nightly)}, "cargo's rustc hash on a second toolchain"
     ws.build()
     # no arm(), no log: no usage signal, yet units of another rustc can never be fresh again
     report = gc.collect(lay(ws))
@@ -283,7 +284,7 @@ def test_old_toolchain_units_removed_without_usage_signal(make_workspace):
     stable_units = fingerprint_dirs(ws.target)
     assert not nightly_units & stable_units
     for p in ws.target.glob("debug/.fingerprint/*/*.json"):
-        assert json.loads(p.read_text())["rustc"] != gc.cargo_hash_str(nightly)
+        assert json.loads(p.read_text())["rustc"] != hashes.cargo_hash_str(nightly)
     assert_fresh(ws)
 
 
@@ -391,7 +392,7 @@ def _stale_rich_target(ws) -> Path:
     return tpl
 
 
-_GC_SCRIPT = ("import sys, json; from pathlib import Path; from rsnap import gc, cargo_layout as c; "
+_GC_SCRIPT = ("import sys, json; from pathlib import Path; from rsnap.cargo import gc, layout as c; "
               "t = Path(sys.argv[1]); ws = c.Workspace(root=t.parent, target_dir=t, build_dir=t, "
               "cargo_home=Path(sys.argv[2]), manifest_path=t.parent / 'Cargo.toml'); "
               "print(json.dumps(gc.collect(ws)))")

@@ -181,7 +181,7 @@ def test_changed_input_owned_by_another_user_is_still_pushed_forward(tmp_path, m
     When the first is refused (EPERM), the changed input still ends newer than every artifact."""
     import os
     import time
-    from rsnap import mtimes
+    from rsnap.cargo import mtimes
 
     path = tmp_path / "shared.rs"
     path.write_text("changed\n")

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from ..cargo_layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
+from ..cargo.layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
 from ..errors import FormatError
 
 FORMAT_VERSION = 2  # 2: `chunks` (format 1 manifests are still read)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import xxhash
 
-from . import cargo_layout, faults
-from .digest import hash_file
+from .. import faults
+from ..digest import hash_file
+from . import layout
 
-_SKIP_DIRS = {".git", ".hg", ".svn", cargo_layout.RSNAP_DIR}
+_SKIP_DIRS = {".git", ".hg", ".svn", layout.RSNAP_DIR}
 
 
 class RetimeStats:
@@ -95,14 +96,14 @@ def extra_input_paths(ws) -> list[Path]:
     root = str(ws.root)
     found: set[str] = set()
     for tree in {ws.target_dir, ws.build_dir}:
-        for d in cargo_layout.iter_depinfo_files(tree):
+        for d in layout.iter_depinfo_files(tree):
             try:
                 text = d.read_text(errors="replace")
             except OSError:
                 continue
-            for p in cargo_layout.parse_makefile_depinfo(text):
+            for p in layout.parse_makefile_depinfo(text):
                 found.add(os.path.normpath(p if p.startswith("/") else os.path.join(root, p)))
-        for pkg, out in cargo_layout.iter_build_script_outputs(tree):
+        for pkg, out in layout.iter_build_script_outputs(tree):
             pkg_dir = ws.package_dirs_by_name.get(pkg)
             if pkg_dir is None:
                 continue  # registry/git packages: their inputs live in $CARGO_HOME
@@ -110,7 +111,7 @@ def extra_input_paths(ws) -> list[Path]:
                 text = out.read_text(errors="replace")
             except OSError:
                 continue
-            for p in cargo_layout.rerun_if_changed_paths(text):
+            for p in layout.rerun_if_changed_paths(text):
                 found.add(os.path.normpath(os.path.join(pkg_dir, p)))
     linked = _SymlinkedDirs(covered)
     return sorted(Path(p) for p in found

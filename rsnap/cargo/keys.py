@@ -16,7 +16,7 @@ from pathlib import Path
 import xxhash
 
 from . import prefetch
-from .errors import RsnapError, EXIT_USAGE, EXIT_WORKSPACE
+from ..errors import RsnapError, EXIT_USAGE, EXIT_WORKSPACE
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9._+=-]{1,200}$")
 KEY_FORMAT = "1"

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from . import prefetch
-from .errors import RsnapError, EXIT_WORKSPACE
+from ..errors import RsnapError, EXIT_WORKSPACE
 
 # Files cargo recreates or uses as locks; never saved, never restored, never deleted.
 EXCLUDED_TARGET_NAMES = {".rustc_info.json", ".rustc-info.json", ".cargo-lock", ".cargo-build-lock"}
