@@ -9,11 +9,12 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__, commands, snapshot
+from . import __version__, commands
 from .cargo import keys
 from .cargo.layout import discover
 from .errors import StoreError
 from .progress import human_bytes
+from .snapshot.roots import restore_interrupted
 from .store import open_store, repo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -138,7 +139,7 @@ def status(
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
-            "interrupted_restore": snapshot.restore_interrupted(ws)}
+            "interrupted_restore": restore_interrupted(ws)}
     files, size = 0, 0
     for dirpath, _dirs, fns in os.walk(ws.target_dir):
         for fn in fns:

@@ -10,11 +10,12 @@ import os
 import sys
 import time
 
-from . import snapshot
 from .cargo import keys, prefetch
 from .cargo.layout import discover, RSNAP_DIR
 from .errors import RsnapError, StoreError, EXIT_USAGE
 from .progress import human_bytes
+from .snapshot.restore import restore as restore_snapshot
+from .snapshot.roots import arm_usage, locked, restore_interrupted
 from .store import default_store_url, open_store, repo
 
 
@@ -57,9 +58,9 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
         return _miss(as_json, quiet, base, started,
                      f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
                      "treated as a miss (see --allow-relocate)", ws)
-    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
-        was_interrupted = snapshot.restore_interrupted(ws)
-        out = snapshot.restore(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+    with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
+        was_interrupted = restore_interrupted(ws)
+        out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
               "repaired_interrupted_restore": was_interrupted, **out,
               "seconds": round(time.monotonic() - started, 3)}
@@ -72,7 +73,7 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
 
 def _miss(as_json, quiet, base, started, message, ws=None):
     if ws is not None:
-        snapshot.arm_usage(ws)
+        arm_usage(ws)
     data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
             "seconds": round(time.monotonic() - started, 3)}
     emit(as_json, data, f"rsnap: miss: {message}", quiet)
@@ -82,19 +83,20 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
          no_gc: bool = False, max_size: str | None = None, keep_cargo_home: bool = False,
          as_json: bool = False, quiet: bool = False) -> None:
     from .cargo import gc
+    from .snapshot.save import save as save_snapshot
     ws = _discover(manifest_path, with_deps=True)
     cap = max_size_bytes(ws, max_size)
     k, inputs = key_and_inputs(ws, key)
     st = open_store(store)
-    with snapshot.locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
-        if snapshot.restore_interrupted(ws):
+    with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
+        if restore_interrupted(ws):
             raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
                              "(or delete the target dir) before saving", EXIT_USAGE)
         gc_report = gc.before_save(ws, enabled=not no_gc, max_size=cap, cargo_home=not keep_cargo_home)
         # a CARGO_HOME left unpruned on disk is still pruned in the snapshot
         excluded = frozenset(gc.collect_cargo_home(ws, dry_run=True).get("unreferenced", [])) \
             if keep_cargo_home and not no_gc else frozenset()
-        out = snapshot.save(ws, st, k, inputs, keys.family_prefix(inputs),
+        out = save_snapshot(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")

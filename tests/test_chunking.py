@@ -8,7 +8,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rsnap import snapshot
+from rsnap.snapshot import save as snapshot
 from rsnap.store import chunking, repo
 from rsnap.errors import StoreError
 from rsnap.store import LocalStore

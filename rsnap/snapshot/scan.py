@@ -16,8 +16,8 @@ from typing import Callable, Iterable, NamedTuple
 import xxhash
 import zstandard
 
-from .cargo.layout import RSNAP_DIR
-from .errors import RsnapError, EXIT_WORKSPACE
+from ..cargo.layout import RSNAP_DIR
+from ..errors import RsnapError, EXIT_WORKSPACE
 
 STATE_FILE = "state"
 

@@ -1,0 +1,84 @@
+"""Restore step 1: compare a snapshot root with what is on disk, entry by entry, into what to
+write, what to remove and what only needs its mode or mtime fixed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cargo import layout
+from ..digest import hash_file
+from ..store import manifest as mf
+from . import scan
+
+class RestorePlan:
+    def __init__(self, spec_path: Path, root: mf.Root):
+        self.spec_path, self.root = spec_path, root
+        self.write: list[mf.Entry] = []
+        self.fix_meta: list[tuple[mf.Entry, scan.Found]] = []
+        self.remove: list[scan.Found] = []
+        self.unchanged = 0
+
+
+def merge_subtrees(root: mf.Root) -> list[str]:
+    """Top-level trees a merge root covers, as recorded (registry/index, git/db, ...)."""
+    tops = set()
+    for e in root.entries:
+        parts = e.path.split("/")
+        tops.add("/".join(parts[:2]) if parts[0] in ("registry", "git") and len(parts) > 1 else parts[0])
+    return sorted(tops)
+
+
+def plan_root(path: Path, root: mf.Root, subtrees, exclude) -> RestorePlan:
+    plan = RestorePlan(spec_path=path, root=root)
+    existing = {f.rel: f for f in scan.walk(path, subtrees, exclude)} if path.is_dir() else {}
+    on_disk = dict(existing)
+    cache = scan.StatCache(path).load()
+    links = []
+    for e in root.entries:
+        if e.type == "h":
+            links.append(e)
+            continue
+        have = existing.pop(e.path, None)
+        if have is None:
+            plan.write.append(e)
+        elif e.type != have.type:
+            plan.remove.append(have)
+            plan.write.append(e)
+        elif e.type == "f" and not _same_content(path, e, have, cache, root.merge):
+            plan.write.append(e)
+        elif e.type == "l" and have.link != e.digest:
+            plan.remove.append(have)
+            plan.write.append(e)
+        elif e.type == "f" and layout.is_fingerprint_path(e.path) and (
+                have.mtime_ns != e.mtime_ns or have.mode != e.mode):
+            plan.write.append(e)  # cargo compares fingerprint mtimes: invalidate first, write last
+        else:
+            plan.unchanged += 1
+            if e.type != "l" and (have.mtime_ns != e.mtime_ns or have.mode != e.mode):
+                plan.fix_meta.append((e, have))
+    rewritten = {e.path for e in plan.write}
+    for e in links:
+        have, first = existing.pop(e.path, None), on_disk.get(e.digest)
+        if have is not None and have.type == "f" and first is not None and have.ino == first.ino \
+                and e.digest not in rewritten:
+            plan.unchanged += 1
+            continue
+        if have is not None and have.type != "f":
+            plan.remove.append(have)  # a regular file is replaced by the link atomically
+        plan.write.append(e)
+    if not root.merge:
+        plan.remove.extend(existing.values())
+    return plan
+
+
+def _same_content(root_path: Path, e: mf.Entry, have: scan.Found, cache, merge: bool) -> bool:
+    if have.size != e.size:
+        return False
+    if merge and have.mtime_ns == e.mtime_ns:
+        return True  # $CARGO_HOME files are immutable once written (.crate, index, git objects)
+    cached = cache.digest_for(have)
+    if cached is not None:
+        return cached == e.digest
+    try:
+        return hash_file(root_path / e.path) == e.digest
+    except OSError:
+        return False

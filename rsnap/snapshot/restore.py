@@ -1,0 +1,426 @@
+"""Restore: turning a snapshot back into roots on disk.
+
+Restore is ordered so that an interruption at any point leaves nothing cargo would
+wrongly trust: fingerprint files that will change are removed first, data files are
+written next (fingerprint files too, but only under temp names cargo never reads), then
+source mtimes are normalized, and fingerprint files are renamed into place last (a
+fingerprint must never vouch for sources whose mtimes are not normalized yet). Every
+file is written to a temp name and renamed. Save and restore hold cargo's own locks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from .. import faults
+from ..cargo import layout, mtimes
+from ..errors import RsnapError, EXIT_WORKSPACE
+from ..progress import Progress
+from ..store import manifest as mf, repo
+from . import scan
+from .plan import RestorePlan, merge_subtrees, plan_root
+from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
+
+RESTORED_INFO = "restored.json"
+
+
+class RestoreStats:
+    def __init__(self):
+        self.files_written = 0
+        self.bytes_written = 0
+        self.files_removed = 0
+        self.files_unchanged = 0
+        self.metadata_fixed = 0
+
+
+def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None = None) -> dict:
+    """Hold cargo's locks (build dirs, package cache) for the whole restore, planning included."""
+    locks = cargo_lock_files(ws, m) + [ws.cargo_home / ".package-cache", ws.cargo_home / ".package-cache-mutate"]
+    with cargo_locks(locks, exclusive=True):
+        return _restore(ws, store, snapshot_name, m, progress)
+
+
+def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None) -> dict:
+    started = time.monotonic()
+    stats = RestoreStats()
+    specs = {s.name: s for s in root_specs(ws)}
+    plans = []
+    for root in m.roots:
+        path = root_path(ws, root.name)
+        spec = specs.get(root.name)
+        subtrees = merge_subtrees(root) if root.merge else [""]
+        exclude = spec.exclude if spec else layout.is_excluded_target_path
+        plans.append(plan_root(path, root, subtrees, exclude))
+    newest = max((e.mtime_ns for r in m.roots if r.name != "cargo_home" for e in r.entries), default=0)
+    markers = [p.spec_path / layout.RSNAP_DIR / RESTORING_MARKER for p in plans if not p.root.merge]
+    try:
+        for marker in markers:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(snapshot_name)
+        faults.point("restore.marker")
+        for plan in plans:
+            scan.StatCache(plan.spec_path).invalidate()
+        bar = Progress("rsnap restore", total=sum(e.size for p in plans for e in p.write), enabled=progress)
+        for plan in plans:
+            _clear_the_way(plan, stats)
+        held_back = _write_files(store, m, plans, stats, bar)
+        try:
+            for plan in plans:
+                _write_links_and_meta(plan, stats)
+            # Sources are normalized before fingerprints are put in place: an interruption before
+            # this point leaves no fingerprint that could vouch for a source not yet re-timed.
+            retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest, m.source_links)
+            _put_in_place(held_back, plans)
+        except BaseException:
+            _discard(held_back)
+            raise
+        for plan in plans:
+            _set_dir_meta(plan)
+        bar.finish()
+        for plan in plans:
+            if not plan.root.merge:
+                info = plan.spec_path / layout.RSNAP_DIR / RESTORED_INFO
+                info.write_text(json.dumps({"snapshot": snapshot_name, "key": m.key, "restored_ns": time.time_ns()}))
+        arm_usage(ws)  # before the stat cache is written: arming changes fingerprint files' ctimes
+        for plan in plans:
+            _remember_restored(plan)
+        faults.point("restore.done")
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+    except OSError as e:
+        raise os_error("restore", e) from None
+    return {"files_written": stats.files_written, "bytes_written": stats.bytes_written,
+            "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
+            "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _clear_the_way(plan: RestorePlan, stats: RestoreStats) -> None:
+    """Steps 1 and 2: fingerprint files that will change or go away are removed first
+    (invalidating their units), then what the snapshot does not have (deepest first)."""
+    root = plan.spec_path
+    root.mkdir(parents=True, exist_ok=True)
+    fp = _written_last
+    trusted = _trusted_depth(plan)
+    for e in plan.write:
+        path = root / e.path
+        if fp(e.path) and os.path.lexists(path) and _symlink_parent(root, e.path, trusted) is None:
+            _remove_path(path)
+            faults.point("restore.invalidate")
+    for f in plan.remove:
+        if fp(f.rel):
+            _remove_path(root / f.rel)
+            faults.point("restore.invalidate")
+    for f in sorted(plan.remove, key=lambda f: f.rel.count("/"), reverse=True):
+        _remove_path(root / f.rel)
+        stats.files_removed += f.type != "d"
+        faults.point("restore.remove")
+
+
+def _write_links_and_meta(plan: RestorePlan, stats: RestoreStats) -> None:
+    """After the data files: hard links (to files now in place), symlinks, and the mode and
+    mtime of files that were kept."""
+    root = plan.spec_path
+    trusted = _trusted_depth(plan)
+    for e in plan.write:
+        if e.type == "h":
+            _link_atomic(root / e.digest, _inside(root, e.path, trusted))
+            stats.files_written += 1
+            faults.point("restore.link")
+        elif e.type == "l":
+            dest = _inside(root, e.path, trusted)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove_path(dest)
+            os.symlink(e.digest, dest)
+            faults.point("restore.link")
+    for e, have in plan.fix_meta:
+        if e.type == "f":
+            _set_meta(root / e.path, e, have)
+            stats.metadata_fixed += 1
+            faults.point("restore.meta")
+    stats.files_unchanged += plan.unchanged
+
+
+def _set_dir_meta(plan: RestorePlan) -> None:
+    """Step 5, last: directory modes and mtimes (creating entries changed them)."""
+    root = plan.spec_path
+    dirs = [e for e in plan.root.entries if e.type == "d"]
+    for e in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
+        p = root / e.path
+        try:
+            st = p.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if stat.S_IMODE(st.st_mode) != e.mode:
+                os.chmod(p, e.mode | 0o700)
+            if st.st_mtime_ns != e.mtime_ns:
+                os.utime(p, ns=(st.st_atime_ns, e.mtime_ns), follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+
+def _set_meta(path: Path, e: mf.Entry, have: scan.Found) -> None:
+    if have.mode != e.mode:
+        os.chmod(path, e.mode)
+    if have.mtime_ns != e.mtime_ns:
+        os.utime(path, ns=(time.time_ns(), e.mtime_ns))
+
+
+def _written_last(rel: str) -> bool:
+    """Files that vouch for others: cargo fingerprints, and the `.cargo-ok` cargo trusts a git
+    checkout by. They are removed first when they change and put in place after everything else."""
+    return layout.is_fingerprint_path(rel) or rel.endswith("/.cargo-ok")
+
+
+def _trusted_depth(plan: RestorePlan) -> int:
+    """Leading path components whose symlinks are the user's setup (e.g. $CARGO_HOME/registry/cache)."""
+    return 2 if plan.root.merge else 0
+
+
+def _symlink_parent(root: Path, rel: str, trusted: int = 0) -> Path | None:
+    """The first symlinked dir between root and rel (after `trusted` components), if any."""
+    p = root
+    for i, part in enumerate(rel.split("/")[:-1]):
+        p = p / part
+        if i >= trusted and p.is_symlink():
+            return p
+    return None
+
+
+def _inside(root: Path, rel: str, trusted: int = 0) -> Path:
+    """root/rel, refusing to write through a symlinked dir: it could lead out of the root."""
+    link = _symlink_parent(root, rel, trusted)
+    if link is not None:
+        raise RsnapError(f"refusing to restore {rel}: {link} is a symlink", EXIT_WORKSPACE)
+    return root / rel
+
+
+class _SafeDirs:
+    """Makes the dirs below a root, each checked and created once. Nothing is written through
+    a symlinked dir (it could lead out of the root), except in the first `trusted` components
+    (the user's setup). Make a new one after removing things: it remembers what it checked."""
+
+    def __init__(self, root: Path, trusted: int):
+        self.root, self.trusted = str(root), trusted
+        self.done = {""}
+
+    def make(self, rel_dir: str) -> None:
+        if rel_dir in self.done:
+            return
+        self.make(rel_dir.rpartition("/")[0])
+        path = f"{self.root}/{rel_dir}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if rel_dir.count("/") >= self.trusted and os.path.islink(path):
+                raise RsnapError(f"refusing to restore into {rel_dir}: {path} is a symlink", EXIT_WORKSPACE) from None
+            if not os.path.isdir(path):
+                raise
+        self.done.add(rel_dir)
+
+
+def _remove_path(p) -> None:
+    try:
+        if os.path.isdir(p) and not os.path.islink(p):
+            import shutil  # rarely needed: imported here, not by every restore
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    except FileNotFoundError:
+        pass
+
+
+class _File(NamedTuple):
+    """A file to write. One written last waits under its temp name until step 4."""
+    root: str
+    entry: mf.Entry
+    last: bool
+
+    @property
+    def dest(self) -> str:
+        return f"{self.root}/{self.entry.path}"
+
+
+class _Task:
+    """Files whose blobs lie in one range of one pack: one read, one unit of work for the pool.
+    A chunked file is a task of its own (pack_id None)."""
+
+    def __init__(self, pack_id: str | None, start: int, end: int, files: list[_File] | None = None, cost: int = 0):
+        self.pack_id, self.start, self.end, self.cost = pack_id, start, end, cost
+        self.files = files if files is not None else []
+
+
+TASK_COST = 4 << 20     # split restore work into tasks of about this cost (bytes written, plus...)
+
+FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as much as writing 256 KiB
+
+
+def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar) -> list[_File]:
+    """Step 3: write every file, in size-balanced tasks on a thread pool. Data files are renamed
+    into place; files written last (fingerprints, .cargo-ok) are returned still under their
+    temp names, for `_put_in_place` after sources are normalized."""
+    files = []
+    for plan in plans:
+        dirs = _SafeDirs(plan.spec_path, _trusted_depth(plan))
+        root = str(plan.spec_path)
+        for e in plan.write:
+            if e.type == "d":
+                dirs.make(e.path)
+            elif e.type == "f":
+                dirs.make(e.path.rpartition("/")[0])
+                files.append(_File(root, e, _written_last(e.path)))
+    held_back: list[_File] = []
+
+    def run(task: _Task) -> _Task:
+        span = None if task.pack_id is None else \
+            memoryview(store.get_range(repo.pack_name(task.pack_id), task.start, task.end - task.start))
+        for f in task.files:
+            _write_atomic(f.dest, f.entry, _content_writer(store, m, f.entry, task, span), keep_temp=f.last)
+            if f.last:
+                held_back.append(f)
+            faults.point("restore.write")
+        return task
+
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+    try:
+        for task in pool.map(run, _tasks(m, files)):
+            for f in task.files:
+                stats.files_written += 1
+                stats.bytes_written += f.entry.size
+                bar.advance(f.entry.size)
+    except BaseException:
+        pool.shutdown(cancel_futures=True)  # waits for the tasks already running
+        _discard(held_back)
+        raise
+    pool.shutdown()
+    return held_back
+
+
+def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span) -> Callable[[int], None]:
+    """What writes e's content into a file descriptor: its blob from the task's span of a pack,
+    or its chunks (a chunked file is a task of its own and reads them itself)."""
+    if task.pack_id is None:
+        return lambda fd: repo.write_chunks(store, m.blobs, m.chunks[e.digest], fd, e.digest, e.size)
+    _pack, off, clen, _size = m.blobs[e.digest]
+    frame = span[off - task.start:off - task.start + clen]
+    return lambda fd: repo.write_blob(frame, fd, e.digest, e.size, f"pack {task.pack_id}")
+
+
+def _tasks(m: mf.Manifest, files: list[_File]) -> list[_Task]:
+    """Contiguous runs of blobs in each pack, cut at about TASK_COST; most costly first, so the
+    pool does not end with one thread working on a big task while the others wait."""
+    by_pack: dict[str, list[_File]] = {}
+    tasks = []
+    for f in files:
+        if f.entry.digest in m.blobs:
+            by_pack.setdefault(m.blobs[f.entry.digest][0], []).append(f)
+        else:
+            tasks.append(_Task(None, 0, 0, [f], f.entry.size + FILE_COST))
+    for pack_id, group in by_pack.items():
+        group.sort(key=lambda f: m.blobs[f.entry.digest][1])
+        task = None
+        for f in group:
+            _pack, off, clen, size = m.blobs[f.entry.digest]
+            if task is None or task.cost >= TASK_COST or off > task.end + repo.READ_GAP:
+                task = _Task(pack_id, off, off + clen)
+                tasks.append(task)
+            task.end = max(task.end, off + clen)
+            task.files.append(f)
+            task.cost += size + FILE_COST
+    tasks.sort(key=lambda t: t.cost, reverse=True)
+    return tasks
+
+
+def _put_in_place(held_back: list[_File], plans: list[RestorePlan]) -> None:
+    """Step 4: rename the files written last from their temp names into place."""
+    dirs = {str(p.spec_path): _SafeDirs(p.spec_path, _trusted_depth(p)) for p in plans}
+    while held_back:
+        f = held_back[-1]
+        dirs[f.root].make(f.entry.path.rpartition("/")[0])
+        _replace(_temp_name(f.dest), f.dest)
+        held_back.pop()
+        faults.point("restore.publish")
+
+
+def _discard(held_back: list[_File]) -> None:
+    """Temp files of a restore that failed: they would only be debris."""
+    for f in held_back:
+        with contextlib.suppress(OSError):
+            os.unlink(_temp_name(f.dest))
+
+
+def _temp_name(dest: str) -> str:
+    parent, _, name = dest.rpartition("/")
+    return f"{parent}/.{name}.rsnap-tmp"
+
+
+def _write_atomic(dest: str, e: mf.Entry, write_content: Callable[[int], None], keep_temp: bool = False) -> None:
+    """Write a file's content (`write_content(fd)` decompresses and verifies it) into a temp file
+    beside dest (parent dir must exist) and rename it over dest; with `keep_temp`, leave it under
+    the temp name, with atime == mtime (armed for gc, see rsnap.usage: these are the fingerprint files)."""
+    tmp = _temp_name(dest)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left over by an interrupted restore (or a planted symlink/fifo)
+            _remove_path(tmp)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            write_content(fd)
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns if keep_temp else time.time_ns(), e.mtime_ns))
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, dest) from None
+        finally:
+            os.close(fd)
+        if not keep_temp:
+            _replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _replace(tmp: str, dest: str) -> None:
+    try:
+        os.replace(tmp, dest)
+    except IsADirectoryError:
+        import shutil
+        shutil.rmtree(dest)
+        os.replace(tmp, dest)
+
+
+def _link_atomic(first: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.rsnap-tmp"
+    _remove_path(tmp)
+    os.link(first, tmp, follow_symlinks=False)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove_path(tmp)
+        raise
+
+
+def _remember_restored(plan: RestorePlan) -> None:
+    """Record restored files in the stat cache so the next save need not re-hash them."""
+    cache = scan.StatCache(plan.spec_path)
+    if plan.root.merge:
+        cache.load()
+    digests = {e.path: e.digest for e in plan.root.entries if e.type == "f"}
+    root = str(plan.spec_path)
+    for e in plan.root.entries:
+        digest = digests.get(e.digest) if e.type == "h" else digests.get(e.path)
+        if digest is not None:
+            try:
+                cache.remember_path(e.path, f"{root}/{e.path}", digest)
+            except OSError:
+                pass
+    cache.save()

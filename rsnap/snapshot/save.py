@@ -1,0 +1,325 @@
+"""Save: turning the roots on disk into a snapshot (walk, hash, chunk, compress, pack, manifest).
+
+Only files whose stat changed since rsnap last saw them are hashed, only content the recent
+snapshots of the same family lack is compressed and packed, and the manifest is written
+after every pack it names is in the store. Save holds cargo's locks (shared).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import NamedTuple
+
+from .. import __version__, faults
+from ..cargo import layout, mtimes
+from ..errors import RsnapError, EXIT_WORKSPACE
+from ..progress import Progress
+from ..store import chunking, manifest as mf, repo
+from . import scan
+from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
+
+class SaveStats:
+    def __init__(self):
+        self.files = 0
+        self.bytes_total = 0
+        self.files_hashed = 0
+        self.blobs_new = 0
+        self.bytes_new = 0            # uncompressed bytes of new blobs
+        self.bytes_written = 0        # compressed bytes written to the store
+        self.packs_written = 0
+
+
+def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bool | None = None,
+         home_excluded: frozenset[str] = frozenset()) -> dict:
+    started = time.monotonic()
+    if not ws.target_dir.is_dir():
+        raise RsnapError(f"target dir {ws.target_dir} does not exist: build before saving", EXIT_WORKSPACE)
+    lock = store.lock(exclusive=False) if hasattr(store, "lock") else contextlib.nullcontext()
+    with lock:
+        return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded)
+
+
+def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded) -> dict:
+    known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
+    writer = repo.PackWriter(store)
+    stats = SaveStats()
+    roots, caches = [], []
+    blobs: dict[str, list] = {}
+    chunks: dict[str, list[str]] = {}
+    seen = _Seen(known, known_chunks, blobs, chunks)
+    bar = Progress("rsnap save", enabled=progress)
+    locks = cargo_lock_files(ws) + ([ws.cargo_home / ".package-cache"] if ws.cargo_home.is_dir() else [])
+    with cargo_locks(locks, exclusive=False):
+        try:
+            with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+                # every root is walked and queued first, and sources are recorded while the
+                # workers hash and compress; results are then collected root by root
+                claims, jobs = _Claims(), []
+                for spec in root_specs(ws, home_excluded):
+                    if spec.path.is_dir():
+                        caches.append(scan.StatCache(spec.path).load())
+                        jobs.append(_start_root(spec, caches[-1], pool, seen, claims))
+                sources, source_dirs, source_links = mtimes.record_sources(ws)
+                for job in jobs:
+                    roots.append(_finish_root(job, seen, writer, claims, stats, bar))
+                writer.ship()  # the last pack is written (and fsynced) while the manifest is made
+            for digest in list(blobs):
+                if blobs[digest] is None:
+                    blobs[digest] = writer.locations[digest]
+            _check_complete(blobs, chunks)
+            bar.finish()
+            m = mf.Manifest(
+                key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
+                rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
+                source_dirs=source_dirs, blobs=blobs, chunks=chunks, source_links=source_links,
+            )
+            data = mf.dumps(m)
+            _arm_keeping_stat_caches(ws, caches)
+            writer.flush()  # every pack is in the store before the manifest that names them
+            faults.point("save.manifest")
+            name = repo.write_manifest(store, m, data)
+        finally:
+            for cache in caches:
+                cache.save()
+    stats.bytes_written += writer.bytes_written
+    stats.packs_written = writer.packs_written
+    return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,
+            "sources": len(sources), "seconds": round(time.monotonic() - started, 3)}
+
+
+def _check_complete(blobs: dict[str, list], chunks: dict[str, list[str]]) -> None:
+    """Never write a manifest restore would reject: every chunk of a chunked file is stored."""
+    missing = next((part for parts in chunks.values() for part in parts if blobs.get(part) is None), None)
+    if missing is not None:
+        raise RsnapError(f"internal error: chunk {missing} was not stored; no snapshot written")
+
+
+def _arm_keeping_stat_caches(ws, caches: list[scan.StatCache]) -> None:
+    """Start gc's usage epoch while cargo's locks are still held. Arming (atime := mtime)
+    moves the ctime of fingerprint files, which the stat cache keys on; under the locks
+    nothing else changed them, so their entries move to the new stat and the next save
+    does not re-hash them."""
+    retimed: list = []
+    arm_usage(ws, retimed)
+    for path, before, after in retimed:
+        for cache in caches:
+            prefix = f"{cache.root}/"
+            if path.startswith(prefix):
+                cache.retimed(path[len(prefix):], before, after)
+
+
+class _RootJob(NamedTuple):
+    """One root of a save in flight: walked, its new or changed files queued on the pool."""
+    spec: RootSpec
+    cache: scan.StatCache
+    found: list[scan.Found]
+    files: list[scan.Found]
+    hard_links: dict[str, str]
+    quick: dict[str, str]
+    pending: dict
+
+
+class _Claims:
+    """Digests some worker is compressing already (shared by all roots of one save)."""
+
+    def __init__(self):
+        self.digests: set[str] = set()
+        self.lock = threading.Lock()
+
+    def claim(self, digest: str) -> bool:
+        with self.lock:
+            if digest in self.digests:
+                return False
+            self.digests.add(digest)
+            return True
+
+
+class _Seen:
+    """What a save can reference without storing it again: the blobs and chunked files of
+    recent snapshots (`known`, `known_chunks`) and those this save has added so far."""
+
+    def __init__(self, known, known_chunks, blobs, chunks):
+        self.known, self.known_chunks, self.blobs, self.chunks = known, known_chunks, blobs, chunks
+
+    def has_file(self, digest: str) -> bool:
+        return digest in self.known or digest in self.known_chunks or digest in self.blobs or digest in self.chunks
+
+    def in_store(self, digest: str) -> bool:
+        return digest in self.known or digest in self.known_chunks
+
+    def reference(self, digest: str) -> None:
+        """Record a stored file content (whole or chunked) of a recent snapshot in this one."""
+        if digest in self.known:
+            self.blobs[digest] = self.known[digest]
+        else:
+            parts = self.chunks[digest] = self.known_chunks[digest]
+            for part in parts:
+                self.blobs[part] = self.known[part]
+
+
+def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims: _Claims) -> _RootJob:
+    """Walk a root and queue its new or changed files on the pool (hash, and compress if new)."""
+    found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
+
+    def digest_of(f: scan.Found):
+        """Runs in a worker: (digest, content, hashed). content: None when the store has it or
+        another worker stores it, else the compressed blob, or for a big file a list of
+        (chunk digest, compressed chunk or None, chunk size)."""
+        digest = cache.digest_for(f)
+        if digest is not None and seen.has_file(digest):
+            return digest, None, False
+        data, digest = scan.read_and_hash(spec.path / f.rel)
+        if seen.in_store(digest) or not claims.claim(digest):
+            return digest, None, True
+        return digest, _stored_form(data, digest, f.rel, seen, claims), True
+
+    files, hard_links = _split_hard_links(found)
+    # unchanged files whose content the store has need no worker (most of a save after a small change)
+    cached = [cache.digest_for(f) for f in files]
+    quick = {f.rel: d for f, d in zip(files, cached) if d is not None and seen.in_store(d)}
+    # the rest go to the pool biggest first, so that no big file is compressed at the end alone
+    todo = sorted((f for f in files if f.rel not in quick), key=lambda f: f.size, reverse=True)
+    pending = {f.rel: pool.submit(_guard(digest_of), f) for f in todo}
+    return _RootJob(spec, cache, found, files, hard_links, quick, pending)
+
+
+def _chunk(data: bytes, seen: _Seen, claims: _Claims) -> list[tuple[str, bytes | None, int]]:
+    """Cut a big file into chunks; compress those neither stored nor claimed by another worker."""
+    parts = chunking.cut(data)
+    digests = [repo.digest_bytes(p) for p in parts]
+    new = [i for i, d in enumerate(digests) if d not in seen.known and claims.claim(d)]
+    compressed = dict(zip(new, repo.compress_many([parts[i] for i in new])))
+    return [(d, compressed.get(i), len(parts[i])) for i, d in enumerate(digests)]
+
+
+def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: SaveStats, bar) -> mf.Root:
+    """Collect a root's results as workers finish them (so packs fill and are written while
+    the rest is compressed), then build the manifest entries in walk order."""
+    spec, cache = job.spec, job.cache
+    root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
+    results = itertools.chain(((f, (job.quick[f.rel], None, False)) for f in job.files if f.rel in job.quick),
+                              _as_done(job))
+    digests: dict[str, str] = {}
+    for f, (digest, content, hashed) in results:
+        if digest is None:
+            continue  # vanished or unreadable during the walk: not part of this snapshot
+        digests[f.rel] = digest
+        stats.files += 1
+        stats.bytes_total += f.size
+        stats.files_hashed += hashed
+        if hashed:
+            cache.remember(f, digest)
+        if seen.in_store(digest):
+            seen.reference(digest)
+        elif digest not in seen.blobs and digest not in seen.chunks and (
+                content is not None or digest not in claims.digests):
+            if content is None:  # no worker stores this content: store it here
+                content = _content_now(spec.path / f.rel, digest, seen, claims)
+                if content is None:
+                    del digests[f.rel]  # changed since it was hashed
+                    continue
+            if isinstance(content, list):
+                _add_chunked(digest, content, seen, writer, stats)
+            else:
+                _add_blob(digest, content, f.size, seen, writer, stats)
+        bar.advance(f.size)
+        faults.point("save.file")
+    for f in job.found:
+        if f.type == "f" and f.rel in job.hard_links:
+            if job.hard_links[f.rel] in digests:
+                root.entries.append(mf.Entry(f.rel, "h", f.mode, f.size, f.mtime_ns, job.hard_links[f.rel]))
+        elif f.type == "f":
+            if f.rel in digests:
+                root.entries.append(mf.Entry(f.rel, "f", f.mode, f.size, f.mtime_ns, digests[f.rel]))
+        elif f.type == "d":
+            root.entries.append(mf.Entry(f.rel, "d", f.mode, 0, f.mtime_ns, ""))
+        elif f.type == "l" and _link_is_safe(f.rel, f.link):
+            root.entries.append(mf.Entry(f.rel, "l", 0o777, 0, f.mtime_ns, f.link))
+    return root
+
+
+def _as_done(job: _RootJob):
+    """(file, worker result) as workers finish; each result is dropped once handed out."""
+    by_future = {job.pending.pop(f.rel): f for f in job.files if f.rel in job.pending}
+    for future in as_completed(list(by_future)):
+        yield by_future.pop(future), future.result()
+
+
+def _content_now(path: Path, digest: str, seen: _Seen, claims: _Claims):
+    data, now = scan.read_and_hash(path)
+    return _stored_form(data, digest, str(path), seen, claims) if now == digest else None
+
+
+def _stored_form(data, digest: str, name: str, seen: _Seen, claims: _Claims):
+    """What a save stores for new content: one compressed blob, or a big file's chunks."""
+    content = _chunk(data, seen, claims) if len(data) >= chunking.CHUNK_FROM else repo.compress(data)
+    _check_unchanged(data, digest, name)
+    return content
+
+
+def _check_unchanged(data, digest: str, name: str) -> None:
+    """A big file is mapped, not copied (scan.read_and_hash): if something other than cargo (whose
+    locks save holds) rewrote it while it was hashed and compressed, the stored bytes might not
+    match the digest. Restore would catch that, but the save must not claim it."""
+    if not isinstance(data, bytes) and repo.digest_bytes(data) != digest:
+        raise RsnapError(f"{name} changed while it was being saved; is something writing to the target dir? "
+                         "No snapshot was written", EXIT_WORKSPACE)
+
+
+def _add_chunked(digest: str, parts: list, seen: _Seen, writer, stats: SaveStats) -> None:
+    seen.chunks[digest] = [d for d, _content, _size in parts]
+    for d, content, size in parts:
+        if d in seen.known:
+            seen.blobs[d] = seen.known[d]
+        elif content is not None:
+            _add_blob(d, content, size, seen, writer, stats)
+
+
+def _add_blob(digest: str, compressed: bytes, size: int, seen: _Seen, writer, stats: SaveStats) -> None:
+    writer.add(digest, compressed, size)
+    seen.blobs[digest] = None  # located once its pack is shipped
+    stats.blobs_new += 1
+    stats.bytes_new += size
+
+
+def _split_hard_links(found: list[scan.Found]) -> tuple[list[scan.Found], dict[str, str]]:
+    """Files to read, and {path: first path} for the other names of multiply-linked files.
+
+    Cargo hard-links uplifted artifacts; keeping the links halves what restore writes
+    and keeps the next build from re-linking (which would defeat the stat cache).
+    """
+    first_by_inode: dict[int, str] = {}
+    files, links = [], {}
+    for f in found:
+        if f.type != "f":
+            continue
+        if f.nlink > 1 and not layout.is_fingerprint_path(f.rel):
+            first = first_by_inode.setdefault(f.ino, f.rel)
+            if first != f.rel:
+                links[f.rel] = first
+                continue
+        files.append(f)
+    return files, links
+
+
+def _guard(fn):
+    def run(f):
+        try:
+            return fn(f)
+        except FileNotFoundError:
+            return None, None, False
+        except PermissionError:
+            raise RsnapError(f"cannot read {f.rel}: permission denied", EXIT_WORKSPACE) from None
+    return run
+
+
+def _link_is_safe(rel: str, target: str) -> bool:
+    try:
+        mf.check_link_target(rel, target)
+        return True
+    except RsnapError:
+        return False  # links pointing out of the root are not carried
