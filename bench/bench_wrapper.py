@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from rsnap import wrapper_stats  # noqa: E402
+from rsnap.compile_cache import stats as wrapper_stats  # noqa: E402
 
 
 def log(msg: str) -> None:

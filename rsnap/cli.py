@@ -102,7 +102,7 @@ def cargo_command(ctx: typer.Context):
 def stats(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
           zero: bool = typer.Option(False, "--zero", help="Reset the counters after showing them.")):
     """Compile-cache statistics of the rsnap-rustc wrapper: requests, hits, misses, reasons, bytes, time saved."""
-    from . import wrapper_stats
+    from .compile_cache import stats as wrapper_stats
     data = wrapper_stats.show_stats(store, as_json=as_json, zero=zero)
     if as_json:
         print(json.dumps(data, sort_keys=True))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rsnap import rustc_cache, wrapper, wrapper_stats
+from rsnap.compile_cache import cache, cache_key, rustc_call
+from rsnap.compile_cache import stats as wrapper_stats
 from wrapper_fixture import (
     cargo_build, cargo_env, make_cargo_home, make_registry, read_log, wrapper_path,
 )
@@ -194,8 +195,8 @@ def _entries_of(store: Path, crate: str) -> list[Path]:
     found = []
     for path in sorted(store.glob("cache/*/*")):
         try:
-            header, _ = rustc_cache.unpack_entry(path.read_bytes())
-        except rustc_cache.CorruptEntry:
+            header, _ = cache.unpack_entry(path.read_bytes())
+        except cache.CorruptEntry:
             continue
         if header.get("crate") == crate and header.get("kind") == "output":
             found.append(path)
@@ -247,8 +248,8 @@ RUSTC = "/opt/toolchain/bin/rustc"
 
 
 def classify(*args: str) -> str | None:
-    inv = wrapper.Invocation(RUSTC, list(args))
-    return wrapper.non_compilation_reason(inv) or wrapper.non_cacheable_reason(inv)
+    inv = rustc_call.Invocation(RUSTC, list(args))
+    return rustc_call.non_compilation_reason(inv) or rustc_call.non_cacheable_reason(inv)
 
 
 LIB = ["--crate-name", "foo", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
@@ -278,15 +279,15 @@ def test_classification(args, reason):
 
 
 def test_native_search_dirs():
-    inv = wrapper.Invocation(RUSTC, LIB + ["-L", "dependency=/t/deps", "-L", "native=/o/out", "-Lall=/x",
+    inv = rustc_call.Invocation(RUSTC, LIB + ["-L", "dependency=/t/deps", "-L", "native=/o/out", "-Lall=/x",
                                            "-L", "/plain", "-L", "crate=/c"])
-    assert rustc_cache.native_search_dirs(inv) == ["/o/out", "/x", "/plain"]
+    assert cache_key.native_search_dirs(inv) == ["/o/out", "/x", "/plain"]
 
 
 def test_parse_depinfo_with_escapes_and_env_deps():
     text = ("/t/deps/foo-1.d: src/lib.rs src/with\\ space.rs /t/build/out/gen.rs\n\n"
             "src/lib.rs:\n\n# env-dep:OUT_DIR=/t/build/out\n# env-dep:UNSET_VAR\n")
-    files, env_deps = rustc_cache.parse_depinfo(text)
+    files, env_deps = cache_key.parse_depinfo(text)
     assert files == ["src/lib.rs", "src/with space.rs", "/t/build/out/gen.rs"]
     assert env_deps == ["OUT_DIR=/t/build/out", "UNSET_VAR"]
 
@@ -298,17 +299,17 @@ def test_parse_depinfo_with_escapes_and_env_deps():
     ("/elsewhere", None, None),
 ])
 def test_target_root(out_dir, target, root):
-    assert rustc_cache.target_root(out_dir, target) == root
+    assert cache_key.target_root(out_dir, target) == root
 
 
 def test_entry_roundtrip_and_corruption():
-    entry = rustc_cache.pack_entry({"kind": "output", "files": [{"name": "a", "size": 3, "mode": 0o644}],
+    entry = cache.pack_entry({"kind": "output", "files": [{"name": "a", "size": 3, "mode": 0o644}],
                                     "stdout": 1, "stderr": 2}, [b"abc", b"o", b"ee"])
-    header, blob = rustc_cache.unpack_entry(entry)
+    header, blob = cache.unpack_entry(entry)
     assert blob == b"abcoee" and header["files"][0]["name"] == "a"
     for bad in (entry[:-1], entry[:20], b"x" + entry[1:], entry[:-3] + b"\0\0\0"):
-        with pytest.raises(rustc_cache.CorruptEntry):
-            rustc_cache.unpack_entry(bad)
+        with pytest.raises(cache.CorruptEntry):
+            cache.unpack_entry(bad)
 
 
 def test_stats_show_zero_and_format(tmp_path, monkeypatch):
@@ -336,7 +337,7 @@ def test_lru_eviction_drops_oldest_entries(tmp_path, monkeypatch):
         os.utime(store.root / name, (1000 + i, 1000 + i))
     store.touch("cache/00/key0")  # a hit makes the oldest the newest
     wrapper_stats.update(str(store.root), {"requests": 0})
-    rustc_cache.evict(store, str(store.root))
+    cache.evict(store, str(store.root))
     assert sorted(store.list("cache/")) == ["cache/00/key0", "cache/04/key4"]
     assert wrapper_stats.read(str(store.root))["evicted_entries"] == 3
 

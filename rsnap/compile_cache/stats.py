@@ -142,7 +142,7 @@ def show_stats(store_url: str | None = None, as_json: bool = False, zero: bool =
     stats = read(store_url)
     stats["store"] = resolve_store_url(store_url)
     try:
-        from .store import open_store
+        from ..store import open_store
 
         objects = open_store(stats["store"], create=False).stat_all("cache/")
         stats["cache_entries"] = len(objects)

@@ -1,17 +1,5 @@
-"""`rsnap-rustc`: a RUSTC_WRAPPER that caches single rustc calls in the rsnap store.
-
-Cargo runs it as `rsnap-rustc /path/to/rustc <args...>`.  This module is the hot path:
-it parses the arguments, decides whether the call is cacheable and otherwise `exec`s
-rustc after counting the reason.  Only cacheable calls import `rsnap.rustc_cache`
-(hashing, zstd, the store), which holds the key, the entry format and the design notes
-on path handling and debuginfo.
-
-Turn it on with `RUSTC_WRAPPER=rsnap-rustc` (or `build.rustc-wrapper` in
-.cargo/config.toml) and `CARGO_INCREMENTAL=0` so workspace crates are cacheable too.
-Environment: RSNAP_STORE (store URL), RSNAP_CACHE_SIZE (LRU bound, default 10G),
-RSNAP_STATE_DIR (local stats and toolchain digests), RSNAP_CACHE=0 (disable),
-RSNAP_WRAPPER_LOG=<file> (append one line per call: result, crate, reason).
-"""
+"""One rustc call as cargo made it: its parsed arguments, whether it can be cached, logging
+it and exec'ing rustc. On the `rsnap-rustc` hot path: imports only os and sys."""
 from __future__ import annotations
 
 import os
@@ -25,11 +13,16 @@ _TAKES_VALUE = {
     "--force-warn", "--print", "-Z", "--remap-path-prefix", "--remap-path-scope",
     "--diagnostic-width", "--color", "--explain", "--crate-attr", "--env-set",
 }
+
+
 _SHORT_WITH_VALUE = ("-C", "-L", "-l", "-Z", "-W", "-A", "-D", "-F", "-o")
+
 
 # crate types whose outputs we can name and restore; dylib/cdylib export symbols to
 # foreign linkers and need the dynamic-library toolchain, so they pass through.
 _CACHEABLE_CRATE_TYPES = {"lib", "rlib", "staticlib", "proc-macro", "bin"}
+
+
 _CACHEABLE_EMITS = {"dep-info", "metadata", "link"}
 
 
@@ -171,7 +164,7 @@ def linked_output_reason(inv: Invocation, cg: dict[str, str]) -> str | None:
         kind = spec.split("=", 1)[0] if "=" in spec else "dylib"
         if not kind.startswith("static"):
             return "link-dylib"
-    return None  # cross linking is refused in rustc_cache, which knows the host triple
+    return None  # cross linking is refused in cache_key, which knows the host triple
 
 
 def log_event(result: str, inv: Invocation | None, detail: str = "") -> None:
@@ -191,15 +184,6 @@ def log_event(result: str, inv: Invocation | None, detail: str = "") -> None:
         pass
 
 
-def passthrough(inv: Invocation, table: str, reason: str) -> None:  # never returns: execs rustc
-    from . import wrapper_stats
-
-    counter = "non_compilation" if table == "non_compilation_reasons" else "non_cacheable"
-    wrapper_stats.update(None, {"requests": 1, counter: 1}, (table, reason))
-    log_event("pass", inv, reason)
-    exec_rustc(inv.rustc, inv.args)
-
-
 def exec_rustc(rustc: str, args: list[str]) -> None:  # never returns: execs rustc
     sys.stdout.flush()
     sys.stderr.flush()
@@ -208,27 +192,3 @@ def exec_rustc(rustc: str, args: list[str]) -> None:  # never returns: execs rus
     except OSError as e:
         sys.stderr.write(f"rsnap-rustc: cannot run {rustc}: {e.strerror}\n")
         sys.exit(127)
-
-
-def main() -> int:
-    argv = sys.argv[1:]
-    if not argv:
-        sys.stderr.write("usage: rsnap-rustc /path/to/rustc [rustc arguments...] (use as RUSTC_WRAPPER)\n")
-        return 2
-    inv = Invocation(argv[0], argv[1:])
-    reason = non_compilation_reason(inv)
-    if reason:
-        passthrough(inv, "non_compilation_reasons", reason)
-    if os.environ.get("RSNAP_CACHE", "1") in ("0", "false", "off", "no"):
-        passthrough(inv, "non_cacheable_reasons", "disabled")
-    reason = non_cacheable_reason(inv)
-    if reason:
-        passthrough(inv, "non_cacheable_reasons", reason)
-    sys.dont_write_bytecode = False  # see rsnap/entry.py: cached bytecode saves ~30 ms per call
-    from . import rustc_cache
-
-    return rustc_cache.compile_cached(inv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
