@@ -1,8 +1,8 @@
-"""The fast argv path for restore/save (rsnap/entry.py) must mean exactly what typer means.
+"""The fast argv path for restore/save (rsnap/cli/entry.py) must mean exactly what typer means.
 
 restore and save skip typer's start-up; these tests hold the two parsers together: the same
 options, and for any mix of options, `=` forms, repeats and environment variables, the same
-arguments reach rsnap.commands. Anything the fast path does not recognise goes to typer.
+arguments reach rsnap.cli.commands. Anything the fast path does not recognise goes to typer.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import typer
 from hypothesis import given, settings, strategies as st
 
-from rsnap import cli, commands, entry
+from rsnap.cli import app as cli, commands, entry
 
 COMMANDS = ("restore", "save")
 ENV_VARS = sorted(set(entry.FAST_ENV.values()))

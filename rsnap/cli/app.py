@@ -9,13 +9,14 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__, commands
-from .cargo import keys
-from .cargo.layout import discover
-from .errors import StoreError
-from .progress import human_bytes
-from .snapshot.roots import restore_interrupted
-from .store import open_store, repo
+from .. import __version__
+from ..cargo import keys
+from ..cargo.layout import discover
+from ..errors import StoreError
+from ..progress import human_bytes
+from ..snapshot.roots import restore_interrupted
+from ..store import open_store, repo
+from . import commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Incremental Rust CI builds: snapshot target/ and CARGO_HOME, restore them with mtime normalization.\n\n"
@@ -78,7 +79,7 @@ def gc_command(
     as_json: bool = JsonOpt,
 ):
     """Remove stale units, old incremental sessions and unreferenced CARGO_HOME downloads."""
-    from .cargo import gc
+    from ..cargo import gc
     ws = discover(manifest_path)
     report = gc.collect(ws, dry_run=dry_run, max_size=commands.max_size_bytes(ws, max_size), cargo_home=not keep_cargo_home)
     if as_json:
@@ -94,7 +95,7 @@ def cargo_command(ctx: typer.Context):
     manifest = next((a.split("=", 1)[1] for a in args if a.startswith("--manifest-path=")), None)
     if manifest is None and "--manifest-path" in args[:-1]:
         manifest = args[args.index("--manifest-path") + 1]
-    from .cargo import usage_log
+    from ..cargo import usage_log
     raise typer.Exit(usage_log.run_cargo(args, discover(manifest)))
 
 
@@ -102,7 +103,7 @@ def cargo_command(ctx: typer.Context):
 def stats(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
           zero: bool = typer.Option(False, "--zero", help="Reset the counters after showing them.")):
     """Compile-cache statistics of the rsnap-rustc wrapper: requests, hits, misses, reasons, bytes, time saved."""
-    from .compile_cache import stats as wrapper_stats
+    from ..compile_cache import stats as wrapper_stats
     data = wrapper_stats.show_stats(store, as_json=as_json, zero=zero)
     if as_json:
         print(json.dumps(data, sort_keys=True))
@@ -189,7 +190,7 @@ def store_prune(store: Optional[str] = StoreOpt,
                 dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
                 as_json: bool = JsonOpt):
     """Delete old snapshots (keeping --keep per key) and packs no snapshot references."""
-    from .store import prune
+    from ..store import prune
     st = open_store(store, create=False)
     out = prune.prune(st, keep=keep, dry_run=dry_run)
     commands.emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
@@ -205,9 +206,3 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
     if version:
         print(f"rsnap {__version__}")
         raise typer.Exit(0)
-
-
-def main() -> None:
-    """Kept for `python -m rsnap` and old entry points; see rsnap.entry."""
-    from .entry import main as entry_main
-    entry_main()

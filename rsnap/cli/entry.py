@@ -3,7 +3,7 @@
 `rsnap restore` and `rsnap save` run in every CI job, and importing typer (with the
 pydantic it now pulls in) costs ~0.3 s, a third of a restore. So a plain invocation of
 those two commands (only the options below, no --help) is parsed here and run without
-typer; anything else goes to the typer CLI in rsnap/cli.py, which owns help texts and
+typer; anything else goes to the typer CLI in rsnap/cli/app.py, which owns help texts and
 usage errors. tests/test_cli_fastpath.py checks both parsers agree on every option.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 # ~0.1 s. pip writes bytecode for installed packages anyway; let Python cache ours.
 sys.dont_write_bytecode = False
 
-from .errors import RsnapError, EXIT_NOSPACE, EXIT_USAGE
+from ..errors import RsnapError, EXIT_NOSPACE, EXIT_USAGE
 
 # option -> (parameter, kind); kind is "value", "multi" (repeatable value) or "flag"
 _COMMON = {"--store": ("store", "value"), "--key": ("key", "value"), "--manifest-path": ("manifest_path", "value"),
@@ -78,13 +78,13 @@ def parse_fast(argv: list[str], environ=os.environ) -> tuple[str, dict] | None:
 def run(argv: list[str]) -> int:
     fast = parse_fast(argv)
     if fast is not None:
-        from .cargo import prefetch
+        from ..cargo import prefetch
         name, kwargs = fast
         prefetch.start_discovery(kwargs["manifest_path"])  # runs while the rest is imported
         from . import commands
         getattr(commands, name)(**kwargs)
         return FAST_DONE
-    from .cli import app
+    from .app import app
     code = app(args=argv, prog_name="rsnap", standalone_mode=False)
     return code if isinstance(code, int) else 0
 

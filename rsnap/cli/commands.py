@@ -1,6 +1,6 @@
 """The bodies of `rsnap restore` and `rsnap save`, free of any CLI framework.
 
-Both the typer CLI (rsnap/cli.py) and the fast argv path (rsnap/entry.py) call these:
+Both the typer CLI (rsnap/cli/app.py) and the fast argv path (rsnap/cli/entry.py) call these:
 restore and save run in every CI job, so they must not pay typer's start-up.
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ import os
 import sys
 import time
 
-from .cargo import keys, prefetch
-from .cargo.layout import discover, RSNAP_DIR
-from .errors import RsnapError, StoreError, EXIT_USAGE
-from .progress import human_bytes
-from .snapshot.restore import restore as restore_snapshot
-from .snapshot.roots import arm_usage, locked, restore_interrupted
-from .store import default_store_url, open_store, repo
+from ..cargo import keys, prefetch
+from ..cargo.layout import discover, RSNAP_DIR
+from ..errors import RsnapError, StoreError, EXIT_USAGE
+from ..progress import human_bytes
+from ..snapshot.restore import restore as restore_snapshot
+from ..snapshot.roots import arm_usage, locked, restore_interrupted
+from ..store import default_store_url, open_store, repo
 
 
 def emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:
@@ -32,7 +32,7 @@ def key_and_inputs(ws, key: str | None):
 
 
 def _discover(manifest_path: str | None, with_deps: bool = False):
-    """cargo metadata, with `rustc -vV` for the key running alongside (rsnap.prefetch)."""
+    """cargo metadata, with `rustc -vV` for the key running alongside (rsnap.cargo.prefetch)."""
     prefetch.start_discovery(manifest_path)
     return discover(manifest_path, with_deps=with_deps)
 
@@ -82,8 +82,8 @@ def _miss(as_json, quiet, base, started, message, ws=None):
 def save(store: str | None = None, key: str | None = None, manifest_path: str | None = None,
          no_gc: bool = False, max_size: str | None = None, keep_cargo_home: bool = False,
          as_json: bool = False, quiet: bool = False) -> None:
-    from .cargo import gc
-    from .snapshot.save import save as save_snapshot
+    from ..cargo import gc
+    from ..snapshot.save import save as save_snapshot
     ws = _discover(manifest_path, with_deps=True)
     cap = max_size_bytes(ws, max_size)
     k, inputs = key_and_inputs(ws, key)
@@ -118,7 +118,7 @@ def max_size_bytes(ws, option: str | None) -> int | None:
             text = None
     if text is None:
         return None
-    from .cargo import gc
+    from ..cargo import gc
     try:
         return gc.parse_size(str(text))
     except ValueError as e:
