@@ -16,7 +16,7 @@ A **unit** is everything one cargo unit hash owns inside a profile dir
   session `s-<µs timestamp>-…`, created a few ms after cargo writes the unit's
   `invoked.timestamp`).
 
-Liveness (see `rsnap.usage` for how "used" is known)
+Liveness (see `rsnap.cargo.usage` for how "used" is known)
 ----------------------------------------------------
 1. `old-toolchain`: the fingerprint JSON's `rustc` field is cargo's hash of
    `rustc -vV` (SipHasher128 of the text + 0xFF, `l*3+h`; checked against cargo

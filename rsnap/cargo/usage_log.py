@@ -1,4 +1,4 @@
-"""`rsnap cargo <args>`: run cargo and log the units it used, the exact usage signal of rsnap.usage.
+"""`rsnap cargo <args>`: run cargo and log the units it used, the exact usage signal of rsnap.cargo.usage.
 
 Cargo runs with `--message-format=json-render-diagnostics` (human diagnostics still go to
 stderr; non-JSON stdout such as test or `cargo run` output is forwarded). Every

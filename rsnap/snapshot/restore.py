@@ -363,7 +363,7 @@ def _temp_name(dest: str) -> str:
 def _write_atomic(dest: str, e: mf.Entry, write_content: Callable[[int], None], keep_temp: bool = False) -> None:
     """Write a file's content (`write_content(fd)` decompresses and verifies it) into a temp file
     beside dest (parent dir must exist) and rename it over dest; with `keep_temp`, leave it under
-    the temp name, with atime == mtime (armed for gc, see rsnap.usage: these are the fingerprint files)."""
+    the temp name, with atime == mtime (armed for gc, see rsnap.cargo.usage: these are the fingerprint files)."""
     tmp = _temp_name(dest)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW

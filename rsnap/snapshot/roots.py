@@ -33,7 +33,7 @@ def usable_cpus() -> int:
 WORKERS = usable_cpus()  # more threads than CPUs only contend for the GIL
 
 
-class RootSpec(NamedTuple):  # NamedTuples and plain classes, not dataclasses: see rsnap.manifest
+class RootSpec(NamedTuple):  # NamedTuples and plain classes, not dataclasses: see rsnap.store.manifest
     name: str
     path: Path
     subtrees: list[str]
@@ -140,7 +140,7 @@ def os_error(action: str, e: OSError) -> RsnapError:
 
 
 def arm_usage(ws, retimed: list | None = None) -> None:
-    """Start gc's usage epoch (see rsnap.usage); failing to is a warning, never an error."""
+    """Start gc's usage epoch (see rsnap.cargo.usage); failing to is a warning, never an error."""
     try:
         usage.arm(ws, retimed=retimed)
     except OSError as e:
