@@ -13,7 +13,6 @@ if TYPE_CHECKING:  # annotations only: gc_units imports this module
     from .gc_units import Inventory, Unit
 
 SESSION = re.compile(r"^s-(?P<ts>[0-9a-z]+)-(?P<rand>[0-9a-z]+)(?:-(?P<tail>[0-9a-z]+))?$")
-
 INCR_MATCH_WINDOW_NS = 600 * 10**9   # rustc creates its session dir this soon after cargo invokes it
 
 

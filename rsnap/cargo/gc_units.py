@@ -17,14 +17,9 @@ from .layout import EXCLUDED_TARGET_NAMES, RSNAP_DIR
 from .usage import profile_dirs
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
-
 HASHED = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
-
-
 # fingerprint hash-file names: [test-|doc-|run-]<kind description>-<target name>
 FP_FILE = re.compile(r"^(?:test-|doc-|run-)?(?:lib|bin|integration-test|build-script|bench|example)-(?P<target>.+)$")
-
-
 RUSTC_TEMP = re.compile(r"^(rmeta|rustc)[0-9A-Za-z]{6}$")
 
 

@@ -90,9 +90,7 @@ from .cache_key import (PHASES, CorruptEntry, Prepared, Uncacheable, depinfo_pas
 from .rustc_call import Invocation, exec_rustc, log_event
 
 ENTRY_MAGIC = b"RSNAPCE1"
-
 SIZE_CHECK_EVERY = 32     # entries written between two LRU size checks
-
 EVICT_TO = 0.9            # evict down to this fraction of RSNAP_CACHE_SIZE
 
 

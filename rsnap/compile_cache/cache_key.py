@@ -16,9 +16,7 @@ from . import stats as wrapper_stats
 from .rustc_call import Invocation, links_natively
 
 KEY_VERSION = "rsnap-rustc-1"
-
 MIN_ROOT_LEN = 6          # shorter "roots" (/, /tmp) would match unrelated bytes
-
 
 _ENV_EXCLUDED_PREFIXES = (
     "CARGO_MAKEFLAGS", "CARGO_BUILD_", "CARGO_REGISTRIES_", "CARGO_REGISTRY_", "CARGO_HTTP_",
@@ -26,13 +24,8 @@ _ENV_EXCLUDED_PREFIXES = (
     "CARGO_CACHE_", "CARGO_LOG", "CARGO_UNSTABLE_", "CARGO_ALIAS_", "CARGO_SOURCE_",
     "CARGO_ENCODED_RUSTFLAGS", "CARGO_FUTURE_INCOMPAT_", "CARGO_RESOLVER_", "CARGO_INSTALL_",
 )
-
-
 _ENV_EXTRA = ("OUT_DIR", "RUSTC_BOOTSTRAP", "RUST_TARGET_PATH", "LIBRARY_PATH")
-
 _KEY_DROPPED_FLAGS = ("--diagnostic-width", "--color")
-
-
 # Start files and libraries the system linker adds to every bin and proc-macro.
 _SYSTEM_LINK_FILES = (
     "crt1.o", "Scrt1.o", "crti.o", "crtn.o", "crtbegin.o", "crtend.o", "crtbeginS.o",

@@ -13,16 +13,11 @@ _TAKES_VALUE = {
     "--force-warn", "--print", "-Z", "--remap-path-prefix", "--remap-path-scope",
     "--diagnostic-width", "--color", "--explain", "--crate-attr", "--env-set",
 }
-
-
 _SHORT_WITH_VALUE = ("-C", "-L", "-l", "-Z", "-W", "-A", "-D", "-F", "-o")
-
 
 # crate types whose outputs we can name and restore; dylib/cdylib export symbols to
 # foreign linkers and need the dynamic-library toolchain, so they pass through.
 _CACHEABLE_CRATE_TYPES = {"lib", "rlib", "staticlib", "proc-macro", "bin"}
-
-
 _CACHEABLE_EMITS = {"dep-info", "metadata", "link"}
 
 

@@ -257,7 +257,6 @@ class _Task:
 
 
 TASK_COST = 4 << 20     # split restore work into tasks of about this cost (bytes written, plus...)
-
 FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as much as writing 256 KiB
 
 
