@@ -64,6 +64,9 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
               "repaired_interrupted_restore": was_interrupted, **out,
               "seconds": round(time.monotonic() - started, 3)}
+    if out["clock_shift_seconds"] and not as_json and not quiet:
+        sys.stderr.write(f"rsnap: warning: the snapshot's mtimes lay up to {out['clock_shift_seconds']}s in this "
+                         "machine's future (clock skew); all restored mtimes were moved back by that much\n")
     emit(as_json, result,
          f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "

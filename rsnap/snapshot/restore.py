@@ -23,7 +23,7 @@ from ..cargo import layout, mtimes
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import manifest as mf, repo
-from . import scan
+from . import clock, scan
 from .plan import RestorePlan, merge_subtrees, plan_root
 from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
 
@@ -49,6 +49,8 @@ def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None
 def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None) -> dict:
     started = time.monotonic()
     stats = RestoreStats()
+    shift = clock.shift_for(m)
+    clock.shift_back(m, shift)
     specs = {s.name: s for s in root_specs(ws)}
     plans = []
     for root in m.roots:
@@ -57,7 +59,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         subtrees = merge_subtrees(root) if root.merge else [""]
         exclude = spec.exclude if spec else layout.is_excluded_target_path
         plans.append(plan_root(path, root, subtrees, exclude))
-    newest = max((e.mtime_ns for r in m.roots if r.name != "cargo_home" for e in r.entries), default=0)
+    newest = clock.newest_artifact_ns(m)
     markers = [p.spec_path / layout.RSNAP_DIR / RESTORING_MARKER for p in plans if not p.root.merge]
     try:
         for marker in markers:
@@ -98,6 +100,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
     return {"files_written": stats.files_written, "bytes_written": stats.bytes_written,
             "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
             "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(),
+            "clock_shift_seconds": round(shift / 1e9, 3),
             "seconds": round(time.monotonic() - started, 3)}
 
 
