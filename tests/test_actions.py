@@ -1,0 +1,127 @@
+"""restore/action.yml and save/action.yml: their `run:` steps executed in bash the way the
+runner executes a composite step (no docker needed).
+
+The runner evaluates `${{ inputs.x }}` in `env:` (an unset input takes its `default`), sets
+them as environment variables, runs the script with `bash -e {0}` in `working-directory`,
+and reads `name=value` lines from the file in $GITHUB_OUTPUT (and $GITHUB_ENV/$GITHUB_PATH for
+later steps). That is what `run_action` models; `rsnap` on PATH is a shim for this checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the action.yml files")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _eval(expr: str, inputs: dict) -> str:
+    return re.sub(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", lambda m: inputs[m[1]], expr)
+
+
+def run_action(action: str, given: dict, cwd: Path, env: dict) -> tuple[dict, dict, str]:
+    """Run every step of the composite action; returns (outputs, GITHUB_ENV entries, log)."""
+    spec = yaml.safe_load((REPO / action / "action.yml").read_text())
+    unknown = set(given) - set(spec["inputs"])
+    assert not unknown, f"not inputs of {action}: {unknown}"
+    inputs = {k: str(given.get(k, v.get("default", ""))) for k, v in spec["inputs"].items()}
+    tmp = cwd.parent / f"gh-{action}"
+    tmp.mkdir(exist_ok=True)
+    files = {n: tmp / n for n in ("output", "env", "path")}
+    for f in files.values():
+        f.write_text("")
+    step_outputs, log = {}, ""
+    for step in spec["runs"]["steps"]:
+        assert step["shell"] == "bash"
+        script = tmp / f"{step['id']}.sh"
+        script.write_text(step["run"])
+        assert "${{" not in step["run"], "inputs reach the script through env only"
+        step_env = dict(env, GITHUB_OUTPUT=str(files["output"]), GITHUB_ENV=str(files["env"]),
+                        GITHUB_PATH=str(files["path"]), RUNNER_TEMP=str(tmp))
+        step_env.update({k: _eval(v, inputs) for k, v in step.get("env", {}).items()})
+        wd = cwd / _eval(step.get("working-directory", "."), inputs)
+        proc = subprocess.run(["bash", "-e", str(script)], cwd=wd, env=step_env, capture_output=True, text=True)
+        log += proc.stdout + proc.stderr
+        assert proc.returncode == 0, log
+        step_outputs[step["id"]] = dict(l.split("=", 1) for l in files["output"].read_text().splitlines() if l)
+    outputs = {}
+    for name, out in spec.get("outputs", {}).items():
+        m = re.fullmatch(r"\$\{\{\s*steps\.([\w-]+)\.outputs\.([\w-]+)\s*\}\}", out["value"])
+        outputs[name] = step_outputs[m[1]].get(m[2], "")
+    ghenv = dict(l.split("=", 1) for l in files["env"].read_text().splitlines() if l)
+    return outputs, ghenv, log
+
+
+@pytest.fixture
+def runner(tmp_path):
+    """A workspace (the bundled example), a CARGO_HOME, and `rsnap` on PATH."""
+    ws = tmp_path / "repo"
+    shutil.copytree(REPO / "examples" / "hello", ws, ignore=shutil.ignore_patterns("target"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shim = bindir / "rsnap"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m rsnap "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", CARGO_HOME=str(tmp_path / "cargo-home"),
+               PYTHONPATH=str(REPO))
+    env.pop("RSNAP_STORE", None)
+    env.pop("RSNAP_KEY", None)
+    return ws, env
+
+
+def _cargo(ws, env):
+    return subprocess.run(["cargo", "build", "-q"], cwd=ws, env=env, check=True, capture_output=True)
+
+
+def test_restore_miss_build_save_then_exact_hit(runner, tmp_path):
+    ws, env = runner
+    store = tmp_path / "store"
+    out, ghenv, _ = run_action("restore", {"store": str(store)}, ws, env)
+    assert out["cache-hit"] == "false" and out["result"] == "miss" and out["cache-matched-key"] == ""
+    assert ghenv["RSNAP_STORE"] == str(store)
+    primary = out["cache-primary-key"]
+    _cargo(ws, env)
+    saved, _, _ = run_action("save", {"key": primary}, ws, dict(env, **ghenv))
+    assert saved["key"] == primary
+
+    shutil.rmtree(ws / "target")
+    out, _, _ = run_action("restore", {"store": str(store)}, ws, env)
+    assert out == {"cache-hit": "true", "cache-matched-key": primary, "cache-primary-key": primary,
+                   "result": "exact"}
+    assert (ws / "target" / "debug" / "app").exists()
+
+
+def test_restore_keys_fall_back_and_scope_is_exported(runner, tmp_path):
+    ws, env = runner
+    store = tmp_path / "store"
+    run_action("restore", {"store": str(store), "key": "ci-main-1"}, ws, env)
+    _cargo(ws, env)
+    run_action("save", {"store": str(store), "key": "ci-main-1", "prune-keep": ""}, ws, env)
+
+    out, ghenv, _ = run_action("restore", {"store": str(store), "key": "ci-feature-2", "scope": "",
+                                           "restore-keys": "  ci-feature-\n\n  ci-main-  \n"}, ws, env)
+    assert out["result"] == "partial" and out["cache-hit"] == "false"
+    assert out["cache-matched-key"] == "ci-main-1" and out["cache-primary-key"] == "ci-feature-2"
+    assert "RSNAP_SCOPE" not in ghenv
+
+    _, ghenv, _ = run_action("restore", {"store": str(store), "scope": "refs/heads/main"}, ws, env)
+    assert ghenv["RSNAP_SCOPE"] == "refs/heads/main"
+
+
+def test_working_directory_and_missing_rsnap_without_install(runner, tmp_path):
+    ws, env = runner
+    store = tmp_path / "store"
+    out, _, _ = run_action("restore", {"store": str(store), "working-directory": "repo"}, tmp_path, env)
+    assert out["result"] == "miss"
+    bare = dict(env, PATH="/usr/bin:/bin")
+    with pytest.raises(AssertionError, match="rsnap is not on PATH"):
+        run_action("restore", {"store": str(store), "install": ""}, ws, bare)

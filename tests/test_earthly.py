@@ -1,0 +1,127 @@
+"""The Earthfile's functions and targets, translated (tests/earthly_translate.py) and run by a
+real BuildKit; Earthly itself is not installed in CI. The translation-only tests need no docker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import buildkit_util as bk
+from earthly_translate import TranslateError, translate
+
+EARTHFILE = bk.REPO_ROOT / "Earthfile"
+
+# Targets a user's Earthfile would have, appended to a copy of ours (functions are local then).
+USER_TARGETS = """
+seeded:
+    FROM rust:1.95-bookworm
+    DO +INIT
+    WORKDIR /example
+    COPY --keep-ts examples/hello ./
+    COPY store-seed /rsnap-seed
+    DO +CARGO --args="build --release" --output="release/app$" --seed=/rsnap-seed --export_to=/rsnap-export
+    SAVE ARTIFACT target/release/app AS LOCAL out/seeded/app
+    SAVE ARTIFACT /rsnap-export AS LOCAL out/seeded/store
+"""
+
+
+# -- translation only ------------------------------------------------------------------------
+
+def test_function_inlined_with_arguments_in_callers_context():
+    df = translate(EARTHFILE.read_text(), "example", images={"rust:1.95-bookworm": "img"})
+    assert "FROM img AS example" in df
+    run = next(l for l in df.splitlines() if "cargo $args" in l)
+    assert run.startswith("RUN --mount=type=cache,id=rsnap-target,sharing=locked,target=/example/target ")
+    assert "args='build --release';" in run and "output='release/app$';" in run
+    assert "COPY --from=dist--artifacts /*.whl /tmp/rsnap-dist/" in df
+    assert "COPY --from=example /example/target/release/app /out/example/app" in df
+    assert "ENV RSNAP_STORE=/rsnap/store" in df
+
+
+@pytest.mark.parametrize("line, message", [
+    ("    SAVE IMAGE foo", "SAVE"),
+    ("    IF true", "IF: not in the supported"),
+    ("    RUN --mount=type=bind,target=/x true", "cache mounts only"),
+    ("    RUN --push true", "RUN flag"),
+    ("    DO rsnap+CARGO --args=build", "only local functions"),
+    ("    DO +CARGO", "args is required"),
+    ("    COPY --chmod=755 a b", "COPY flags"),
+])
+def test_refuses_what_it_does_not_model(line, message):
+    text = EARTHFILE.read_text() + f"\nbad:\n    FROM x\n{line}\n"
+    with pytest.raises(TranslateError, match=message):
+        translate(text, "bad")
+
+
+# -- through BuildKit ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def buildkit():
+    try:
+        session = bk.setup()
+    except bk.Unavailable as e:
+        pytest.skip(f"no BuildKit: {e}")
+    bk.prune()
+    yield session
+    bk.stop(session)
+
+
+def _context(tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(bk.REPO_ROOT / name, ctx / name)
+    shutil.copytree(bk.REPO_ROOT / "rsnap", ctx / "rsnap", ignore=shutil.ignore_patterns("__pycache__"))
+    bk.fresh_copy(bk.REPO_ROOT / "examples" / "hello", ctx / "examples" / "hello")
+    (ctx / "Earthfile").write_text(EARTHFILE.read_text() + USER_TARGETS)
+    (ctx / "store-seed").mkdir()
+    return ctx
+
+
+def _earthly_build(session, ctx, target):
+    images = {"rust:1.95-bookworm": session.test_image, "python:3.11-slim-bookworm": session.test_image}
+    dockerfile = ctx.parent / f"{target}.Dockerfile"
+    dockerfile.write_text(translate((ctx / "Earthfile").read_text(), target, images))
+    out = ctx.parent / "out"
+    b = bk.build(ctx, dockerfile, out, target=f"{target}--local").check()
+    return b, out
+
+
+def _run(path):
+    return subprocess.run([str(path)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_example_target_then_one_line_edit(buildkit, tmp_path):
+    """+example through DO +INIT / DO +CARGO --output; then an edit in the leaf lib on the warm
+    runner compiles just greet and app, and the artifact shows it."""
+    ctx = _context(tmp_path)
+    first, out = _earthly_build(buildkit, ctx, "example")
+    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
+    assert _run(out / "out" / "example" / "app") == "hello, rsnap"
+
+    lib = ctx / "examples" / "hello" / "crates" / "greet" / "src" / "lib.rs"
+    lib.write_text(lib.read_text().replace('"hello, {name}"', '"hello from earthly, {name}"'))
+    second, out = _earthly_build(buildkit, ctx, "example")
+    assert sorted(second.compiled) == ["app", "greet"], second.log[-3000:]
+    assert any(" hit " in l for l in second.rsnap_lines), second.rsnap_lines
+    assert _run(out / "out" / "example" / "app") == "hello from earthly, rsnap"
+
+
+def test_store_seeded_after_prune_builds_nothing(buildkit, tmp_path):
+    """CARGO --seed/--export_to: the store objects leave BuildKit with SAVE ARTIFACT AS LOCAL,
+    `docker builder prune -af` wipes every cache mount, the next build is seeded and fresh."""
+    ctx = _context(tmp_path)
+    bk.prune()
+    first, out = _earthly_build(buildkit, ctx, "seeded")
+    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
+    assert bk.merge_store(out / "out" / "seeded" / "store", ctx / "store-seed") > 0
+
+    bk.prune()
+    bk.fresh_copy(bk.REPO_ROOT / "examples" / "hello", ctx / "examples" / "hello")  # new mtimes
+    second, out = _earthly_build(buildkit, ctx, "seeded")
+    assert any("seeding it from /rsnap-seed" in l for l in second.rsnap_lines), second.log[-3000:]
+    assert second.compiled == [], second.log[-3000:]
+    assert _run(out / "out" / "seeded" / "app") == "hello, rsnap"
