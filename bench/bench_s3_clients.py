@@ -165,7 +165,7 @@ def bench(lib: str, args, env: dict, server: MotoServer) -> dict:
     try:
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         Client(lib, args.jobs).put_multipart("mp2", mp, 8 * MIB, 4)
-        s = proxy.stats
+        s = proxy.stats()
         r["mp_requests"] = f"{s.requests['POST']} POST + {s.requests['PUT']} PUT"
     finally:
         os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]

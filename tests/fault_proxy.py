@@ -1,10 +1,15 @@
 """A loopback HTTP proxy between a client and the S3 server that counts and breaks things.
 
-    proxy = FaultProxy(upstream_port).start()        # proxy.endpoint = "http://127.0.0.1:PORT"
+    proxy = ProxyProcess(upstream_port)              # proxy.endpoint = "http://127.0.0.1:PORT"
     proxy.inject("503", times=2, method="PUT")        # next 2 PUTs get 503 SlowDown
-    proxy.latency = 0.02; proxy.bandwidth = 100e6     # per request; bytes/s for bodies
-    proxy.stats.requests["PUT"], proxy.stats.bytes_in, proxy.stats.bytes_out
+    proxy.set(latency=0.02, bandwidth=100e6)          # per request; bytes/s for bodies
+    st = proxy.stats(); st.requests["PUT"], st.bytes_in, st.bytes_out
     proxy.stop()
+
+ProxyProcess runs the proxy in its own process (`python fault_proxy.py UPSTREAM_PORT`),
+controlled over HTTP at /_proxy/… on its own port: a client in the test process that holds
+the GIL while it waits on a socket (opendal's blocking lister does) cannot starve it.
+FaultProxy is the same proxy in-process, with the same methods, for clients that never do.
 
 Faults (each consumed by the next matching request, `times` times; times=None: forever):
   drop      read the request, then reset the connection without an answer
@@ -18,13 +23,18 @@ request body bytes in, response body bytes out, and a log of (method, path, stat
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlencode, urlparse
 
 ERRORS = {"503": (503, "SlowDown", "Please reduce your request rate."),
           "500": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -46,13 +56,26 @@ class Stats:
         """Paths of the PUT requests (object uploads and parts) under a path prefix."""
         return [p for m, p, s in self.log if m == "PUT" and p.split("?")[0].startswith(prefix)]
 
+    def to_json(self) -> dict:
+        return {"requests": dict(self.requests), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "log": self.log, "seen_keys": sorted(self.seen_keys)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Stats":
+        s = cls()
+        s.requests.update(d["requests"])
+        s.bytes_in, s.bytes_out = d["bytes_in"], d["bytes_out"]
+        s.log = [tuple(x) for x in d["log"]]
+        s.seen_keys = set(d["seen_keys"])
+        return s
+
 
 class FaultProxy:
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
         self.upstream = (upstream_host, upstream_port)
         self.latency = 0.0           # seconds added before each answer
         self.bandwidth = None        # bytes/s cap on request and response bodies
-        self.stats = Stats()
+        self._stats = Stats()
         self._faults: list[list] = []  # [fault, times_left, method, path_substring]
         self._lock = threading.Lock()
         proxy = self
@@ -80,15 +103,37 @@ class FaultProxy:
         with self._lock:
             self._faults.append([fault, times, method, path])
 
+    def set(self, latency: float | None = None, bandwidth: float | None = None) -> None:
+        if latency is not None:
+            self.latency = latency
+        if bandwidth is not None:
+            self.bandwidth = bandwidth or None
+
     def clear(self) -> None:
         """Drop pending faults, latency and bandwidth cap; keep counting."""
         with self._lock:
             self._faults.clear()
         self.latency, self.bandwidth = 0.0, None
 
+    def stats(self) -> Stats:
+        return self._stats
+
     def reset_stats(self) -> Stats:
-        old, self.stats = self.stats, Stats()
+        old, self._stats = self._stats, Stats()
         return old
+
+    def control(self, verb: str, q: dict) -> dict:
+        """The /_proxy/<verb>?… API that ProxyProcess speaks."""
+        if verb == "inject":
+            times = q.get("times", "1")
+            self.inject(q["fault"], None if times == "none" else int(times), q.get("method"), q.get("path"))
+        elif verb == "set":
+            self.set(*(float(q[k]) if k in q else None for k in ("latency", "bandwidth")))
+        elif verb == "clear":
+            self.clear()
+        elif verb == "reset_stats":
+            return self.reset_stats().to_json()
+        return self._stats.to_json()
 
     def _take_fault(self, method: str, path: str) -> str | None:
         with self._lock:
@@ -103,7 +148,7 @@ class FaultProxy:
 
     def _count(self, method, path, status, nin, nout):
         with self._lock:
-            s = self.stats
+            s = self._stats
             s.requests[method] += 1
             s.bytes_in += nin
             s.bytes_out += nout
@@ -138,10 +183,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self):
         p = self.owner
         body = self._read_body()
+        if self.path.startswith("/_proxy/"):
+            url = urlparse(self.path)
+            q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            out = json.dumps(p.control(url.path[len("/_proxy/"):], q)).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
         self._throttle(len(body))
         m = _CRED.search(self.headers.get("Authorization", ""))
         if m:
-            p.stats.seen_keys.add(m.group(1))
+            p._stats.seen_keys.add(m.group(1))
         if p.latency:
             time.sleep(p.latency)
         fault = p._take_fault(self.command, self.path)
@@ -205,3 +259,63 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner._count(self.command, self.path, status, nin, len(sent))
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
+
+
+class ProxyProcess:
+    """FaultProxy in a child process; same methods, stats() fetched over HTTP."""
+
+    def __init__(self, upstream_port: int):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(upstream_port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"fault proxy did not start: {line!r}")
+        self.port = int(line)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def _call(self, verb: str, **q) -> dict:
+        q = {k: ("none" if v is None and k == "times" else v) for k, v in q.items()}
+        q = {k: v for k, v in q.items() if v is not None}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("POST", f"/_proxy/{verb}?{urlencode(q)}")
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def inject(self, fault: str, times: int | None = 1, method: str | None = None, path: str | None = None):
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; one of {sorted(FAULTS)}")
+        self._call("inject", fault=fault, times=times, method=method, path=path)
+
+    def set(self, latency: float | None = None, bandwidth: float | None = None) -> None:
+        self._call("set", latency=latency, bandwidth=bandwidth)
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def stats(self) -> Stats:
+        return Stats.from_json(self._call("stats"))
+
+    def reset_stats(self) -> Stats:
+        return Stats.from_json(self._call("reset_stats"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def _orphan_watch(parent: int) -> None:
+    """The child proxy ends with the test process that started it, however that one ended."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _proxy = FaultProxy(int(sys.argv[1]))
+    threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
+    print(_proxy.port, flush=True)
+    _proxy.server.serve_forever()
