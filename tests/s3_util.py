@@ -21,6 +21,9 @@ import time
 
 REGION = "us-east-1"
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+# moto checks no signature, but treats a request without one as anonymous (403 on objects)
+AUTH = {"Authorization": "AWS4-HMAC-SHA256 Credential=testing/20250101/us-east-1/s3/aws4_request, "
+                         "SignedHeaders=host, Signature=0"}
 
 
 def moto_missing() -> str | None:
@@ -73,10 +76,10 @@ class MotoServer:
         raise RuntimeError(f"moto_server did not answer on port {port} within {timeout}s")
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """One unsigned request (moto does not check signatures): bucket admin and resets."""
+        """One request with a dummy signature (moto checks none): bucket admin and resets."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
-            conn.request(method, path, body=body)
+            conn.request(method, path, body=body, headers=AUTH)
             resp = conn.getresponse()
             return resp.status, resp.read()
         finally:
@@ -111,3 +114,27 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+# -- pytest fixtures: `from s3_util import moto_server, fault_proxy` in a test module ------
+try:
+    import pytest
+except ImportError:  # the benchmark uses this module without pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def moto_server():
+        reason = moto_missing()
+        if reason:
+            pytest.skip(reason)
+        server = MotoServer.start()
+        yield server
+        server.stop()
+
+    @pytest.fixture
+    def fault_proxy(moto_server):
+        from fault_proxy import ProxyProcess
+        proxy = ProxyProcess(moto_server.port)
+        yield proxy
+        proxy.stop()
