@@ -125,7 +125,9 @@ class S3Store:
         code = _match(r'code: "(\w+)"', text)
         status = _match(r"status: (\d{3})", text)
         what = f"{action} {name}".strip()
-        if code == "NoSuchBucket":
+        if "too little data" in text:   # a short body that retries did not cure
+            msg = f"store object {name} is truncated"
+        elif code == "NoSuchBucket":
             msg = f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}"
         elif kind == "PermissionDenied" or status == "403" or code in (
                 "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied"):
