@@ -22,7 +22,7 @@ def default_store_url() -> str:
 
 
 def open_store(url: str | None = None, create: bool = True):
-    """Open the store named by a path or URL (file://; s3:// in a later backend)."""
+    """Open the store named by a path or URL (file://, s3://bucket/prefix)."""
     url = url or os.environ.get("RSNAP_STORE") or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -30,6 +30,7 @@ def open_store(url: str | None = None, create: bool = True):
         if not path:
             raise StoreError(f"invalid store URL {url!r}")
         return LocalStore(Path(os.path.expanduser(path)), create=create)
-    # Remote backends: `if parsed.scheme == "s3": from .s3 import open_s3; return open_s3(url, create)`
-    # (a lazy import, so only s3:// users load the client library).
-    raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r} (use a path or file://)")
+    if parsed.scheme == "s3":
+        from .s3 import S3Store  # only s3:// users load the client library
+        return S3Store(url)
+    raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r} (use a path, file:// or s3://)")

@@ -23,9 +23,9 @@ import time
 from contextlib import contextmanager
 from urllib.parse import parse_qs, urlparse
 
-from rsnap.errors import EXIT_LOCKED, RsnapError, StoreError
+from ..errors import EXIT_LOCKED, RsnapError, StoreError
+from .base import check_name as _check_name
 
-_NAME = re.compile(r"^[A-Za-z0-9._@=+-]+(/[A-Za-z0-9._@=+-]+)*$")  # as LocalStore's check_name
 MULTIPART_FROM = 16 << 20   # objects at least this long go up in parts of this size
 PART_JOBS = 4               # parts in flight per multipart upload
 
@@ -37,10 +37,6 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
-def _check_name(name: str) -> str:
-    if not _NAME.match(name) or any(p in (".", "..") for p in name.split("/")):
-        raise StoreError(f"invalid object name {name!r}")
-    return name
 
 
 def _profile_settings(profile: str) -> dict:
