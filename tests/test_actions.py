@@ -125,3 +125,17 @@ def test_working_directory_and_missing_rsnap_without_install(runner, tmp_path):
     bare = dict(env, PATH="/usr/bin:/bin")
     with pytest.raises(AssertionError, match="rsnap is not on PATH"):
         run_action("restore", {"store": str(store), "install": ""}, ws, bare)
+
+
+def test_branch_scope_falls_back_to_main_scope_and_saves_into_its_own(runner, tmp_path):
+    ws, env = runner
+    store = tmp_path / "store"
+    run_action("restore", {"store": str(store), "scope": "main"}, ws, env)
+    _cargo(ws, env)
+    run_action("save", {"store": str(store), "scope": "main", "prune-keep": ""}, ws, env)
+    shutil.rmtree(ws / "target")
+    out, ghenv, _ = run_action("restore", {"store": str(store), "scope": "pr-7", "read-scopes": "main\n"}, ws, env)
+    assert out["result"] == "exact" and ghenv["RSNAP_SCOPE"] == "pr-7"
+    run_action("save", {"store": str(store), "scope": "pr-7", "prune-keep": ""}, ws, env)
+    assert list((store / "scopes" / "pr-7" / "snapshots").iterdir())
+    assert not (store / "snapshots").exists()

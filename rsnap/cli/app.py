@@ -27,6 +27,12 @@ app.add_typer(store_app, name="store")
 StoreOpt = typer.Option(None, "--store", envvar="RSNAP_STORE",
                         help="Store path or file:// URL. Default: $XDG_CACHE_HOME/rsnap or ~/.cache/rsnap.")
 KeyOpt = typer.Option(None, "--key", envvar="RSNAP_KEY", help="Snapshot key. Default: derived (see `rsnap key`).")
+ScopeOpt = typer.Option(None, "--scope", envvar="RSNAP_SCOPE",
+                        help="Namespace this run writes (and reads first), e.g. the branch; untrusted runs get their own. "
+                             "Default: the store's top level.")
+ReadScopeOpt = typer.Option(None, "--read-scope",
+                            help="Scope to fall back to when the own scope has no match, e.g. the default branch "
+                                 "(repeatable, tried in order; '-' is the top level; env RSNAP_READ_SCOPES, comma-separated).")
 RestoreKeyOpt = typer.Option(None, "--restore-key", help="Key prefix to fall back to on an exact miss (repeatable, tried in order).")
 ManifestOpt = typer.Option(None, "--manifest-path", help="Path to Cargo.toml (default: cargo's discovery from the cwd).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text.")
@@ -42,13 +48,14 @@ def restore(
         help="Restore a snapshot taken at another workspace path or CARGO_HOME. RISK: cargo will rebuild "
              "most crates anyway, and crates that embed env!(\"CARGO_MANIFEST_DIR\") or OUT_DIR may keep "
              "the old path and be stale. Off by default: such snapshots count as a miss."),
-    as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, scope: Optional[str] = ScopeOpt,
+    read_scope: Optional[List[str]] = ReadScopeOpt,
 ):
     """Restore the newest matching snapshot into the target dir and CARGO_HOME.
 
     A miss exits 0 so `rsnap restore && cargo build && rsnap save` works on the first run.
     """
-    commands.restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet)
+    commands.restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet, scope, read_scope)
 
 
 NoGcOpt = typer.Option(False, "--no-gc", help="Skip garbage collection before saving.")
@@ -66,9 +73,12 @@ def save(
     store: Optional[str] = StoreOpt, key: Optional[str] = KeyOpt,
     manifest_path: Optional[str] = ManifestOpt, no_gc: bool = NoGcOpt, max_size: Optional[str] = MaxSizeOpt,
     keep_cargo_home: bool = KeepHomeOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    scope: Optional[str] = ScopeOpt,
 ):
-    """Garbage-collect, then save the target dir and CARGO_HOME caches; only new content is written."""
-    commands.save(store, key, manifest_path, no_gc, max_size, keep_cargo_home, as_json, quiet)
+    """Garbage-collect, then save the target dir and CARGO_HOME caches; only new content is written.
+
+    The snapshot goes into --scope's namespace only (see `rsnap restore --help`)."""
+    commands.save(store, key, manifest_path, no_gc, max_size, keep_cargo_home, as_json, quiet, scope)
 
 
 @app.command("gc")
@@ -132,7 +142,7 @@ def key(manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt):
 def status(
     store: Optional[str] = StoreOpt, key: Optional[str] = KeyOpt,
     restore_key: Optional[List[str]] = RestoreKeyOpt, manifest_path: Optional[str] = ManifestOpt,
-    as_json: bool = JsonOpt,
+    as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt, read_scope: Optional[List[str]] = ReadScopeOpt,
 ):
     """Show what a restore would do and what the target dir holds."""
     ws = discover(manifest_path)
@@ -151,11 +161,10 @@ def status(
                 pass
     data["target_files"], data["target_bytes"] = files, size
     try:
-        st = open_store(store, create=False)
-        name, kind = repo.find_snapshot(st, k, prefixes)
+        st, name, kind, found_scope = commands.find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
-        name, kind, data["store_error"] = None, "miss", str(e)
-    data["would_restore"] = {"result": kind, "snapshot": name}
+        name, kind, found_scope, data["store_error"] = None, "miss", None, str(e)
+    data["would_restore"] = {"result": kind, "snapshot": name, "scope": found_scope}
     if name:
         m = repo.read_manifest(st, name)
         data["would_restore"].update(files=m.file_count(), bytes=m.total_size(),
@@ -169,9 +178,9 @@ def status(
 
 @store_app.command("ls")
 def store_ls(store: Optional[str] = StoreOpt, prefix: str = typer.Option("", "--prefix", help="Only keys starting with this."),
-             as_json: bool = JsonOpt):
-    """List snapshots in the store, newest first."""
-    st = open_store(store, create=False)
+             as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt):
+    """List snapshots in the store (in --scope's namespace), newest first."""
+    st = open_store(store, create=False, scope=scope or "")
     rows = []
     for name, k, created in repo.list_snapshots(st, prefix):
         rows.append({"snapshot": name, "key": k, "created": _iso(created), "manifest_bytes": st.size(name)})
@@ -188,10 +197,10 @@ def store_ls(store: Optional[str] = StoreOpt, prefix: str = typer.Option("", "--
 def store_prune(store: Optional[str] = StoreOpt,
                 keep: int = typer.Option(1, "--keep", min=1, help="Snapshots to keep per key."),
                 dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
-                as_json: bool = JsonOpt):
-    """Delete old snapshots (keeping --keep per key) and packs no snapshot references."""
+                as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt):
+    """Delete old snapshots (keeping --keep per key) and packs no snapshot references (in --scope's namespace)."""
     from ..store import prune
-    st = open_store(store, create=False)
+    st = open_store(store, create=False, scope=scope or "")
     out = prune.prune(st, keep=keep, dry_run=dry_run)
     commands.emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
                         f"({human_bytes(out['bytes_freed'])}){' (dry run)' if dry_run else ''}")

@@ -39,17 +39,16 @@ def _discover(manifest_path: str | None, with_deps: bool = False):
 
 def restore(store: str | None = None, key: str | None = None, restore_key: list[str] | None = None,
             manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
-            quiet: bool = False) -> None:
+            quiet: bool = False, scope: str | None = None, read_scope: list[str] | None = None) -> None:
     started = time.monotonic()
     ws = _discover(manifest_path)
     k, inputs = key_and_inputs(ws, key)
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
-    base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
+    base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
     try:
-        st = open_store(store, create=False)
+        st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
         return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
-    name, kind = repo.find_snapshot(st, k, prefixes)
     if name is None:
         return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
                      "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
@@ -74,6 +73,31 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
 
 
+def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] | None, key: str,
+                   prefixes: list[str]):
+    """(store, snapshot name, hit kind, scope): the exact key in each readable scope in order,
+    then each prefix in each scope. Scopes whose namespace does not exist are skipped."""
+    from ..store.scope import read_scopes
+    opened, error = [], None
+    for name in read_scopes(scope, read_scope):
+        try:
+            opened.append((open_store(store, create=False, scope=name or ""), name))
+        except StoreError as e:
+            error = error or e
+    if not opened:
+        raise error
+    for st, name in opened:
+        found, kind = repo.find_snapshot(st, key, [])
+        if found:
+            return st, found, kind, name
+    for prefix in prefixes:
+        for st, name in opened:
+            found = repo.list_snapshots(st, prefix)
+            if found:
+                return st, found[0][0], "partial", name
+    return opened[0][0], None, "miss", opened[0][1]
+
+
 def _miss(as_json, quiet, base, started, message, ws=None):
     if ws is not None:
         arm_usage(ws)
@@ -84,13 +108,13 @@ def _miss(as_json, quiet, base, started, message, ws=None):
 
 def save(store: str | None = None, key: str | None = None, manifest_path: str | None = None,
          no_gc: bool = False, max_size: str | None = None, keep_cargo_home: bool = False,
-         as_json: bool = False, quiet: bool = False) -> None:
+         as_json: bool = False, quiet: bool = False, scope: str | None = None) -> None:
     from ..cargo import gc
     from ..snapshot.save import save as save_snapshot
     ws = _discover(manifest_path, with_deps=True)
     cap = max_size_bytes(ws, max_size)
     k, inputs = key_and_inputs(ws, key)
-    st = open_store(store)
+    st = open_store(store, scope=scope or "")
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         if restore_interrupted(ws):
             raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
@@ -103,7 +127,7 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
-    emit(as_json, {**out, "store": st.url, "gc": gc_report},
+    emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report},
          f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
 

@@ -20,15 +20,16 @@ sys.dont_write_bytecode = False
 from ..errors import RsnapError, EXIT_NOSPACE, EXIT_USAGE
 
 # option -> (parameter, kind); kind is "value", "multi" (repeatable value) or "flag"
-_COMMON = {"--store": ("store", "value"), "--key": ("key", "value"), "--manifest-path": ("manifest_path", "value"),
+_COMMON = {"--store": ("store", "value"), "--scope": ("scope", "value"), "--key": ("key", "value"), "--manifest-path": ("manifest_path", "value"),
            "--json": ("as_json", "flag"), "--quiet": ("quiet", "flag"), "-q": ("quiet", "flag")}
 FAST_OPTIONS = {
-    "restore": {**_COMMON, "--restore-key": ("restore_key", "multi"), "--allow-relocate": ("allow_relocate", "flag")},
+    "restore": {**_COMMON, "--restore-key": ("restore_key", "multi"), "--allow-relocate": ("allow_relocate", "flag"),
+                "--read-scope": ("read_scope", "multi")},
     "save": {**_COMMON, "--no-gc": ("no_gc", "flag"), "--max-size": ("max_size", "value"),
              "--keep-cargo-home": ("keep_cargo_home", "flag")},
 }
 # parameter -> environment variable typer reads it from when the option is absent
-FAST_ENV = {"store": "RSNAP_STORE", "key": "RSNAP_KEY", "max_size": "RSNAP_MAX_SIZE",
+FAST_ENV = {"store": "RSNAP_STORE", "scope": "RSNAP_SCOPE", "key": "RSNAP_KEY", "max_size": "RSNAP_MAX_SIZE",
             "keep_cargo_home": "RSNAP_KEEP_CARGO_HOME"}
 _TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off"}
 
@@ -70,8 +71,9 @@ def parse_fast(argv: list[str], environ=os.environ) -> tuple[str, dict] | None:
             kwargs[param] = value.lower() in _TRUE
         elif kwargs[param] is None:
             kwargs[param] = value
-    if "restore_key" in kwargs and not kwargs["restore_key"]:
-        kwargs["restore_key"] = None
+    for param in ("restore_key", "read_scope"):
+        if param in kwargs and not kwargs[param]:
+            kwargs[param] = None
     return argv[0], kwargs
 
 

@@ -21,9 +21,14 @@ def default_store_url() -> str:
     return os.path.join(base, "rsnap")
 
 
-def open_store(url: str | None = None, create: bool = True):
-    """Open the store named by a path or URL (file://, s3://bucket/prefix)."""
+def open_store(url: str | None = None, create: bool = True, scope: str | None = None):
+    """Open the store named by a path or URL (file://, s3://bucket/prefix), in the namespace of
+    `scope` (default RSNAP_SCOPE; "" for the top level), see rsnap.store.scope."""
     url = url or os.environ.get("RSNAP_STORE") or default_store_url()
+    scope = os.environ.get("RSNAP_SCOPE") if scope is None else scope
+    if scope:
+        from .scope import scoped_url
+        url = scoped_url(url, scope)
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url
