@@ -19,7 +19,7 @@ from ..cargo import layout, mtimes
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import chunking, manifest as mf, repo
-from . import scan
+from . import scan, settled
 from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
 
 class SaveStats:
@@ -85,6 +85,10 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
         finally:
             for cache in caches:
                 cache.save()
+        # a persistent runner's next restore of this snapshot need not compare anything
+        m.raw_digest = settled.manifest_digest(data)
+        settled.record(ws, name, m, {s.name: s for s in root_specs(ws, home_excluded)},
+                       {job.spec.name: job.cache for job in jobs})
     stats.bytes_written += writer.bytes_written
     stats.packs_written = writer.packs_written
     return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,

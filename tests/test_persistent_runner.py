@@ -1,0 +1,122 @@
+"""Issue 14 item 4: restoring onto a target dir that already holds the snapshot (a persistent
+runner) skips the walk and the comparison of roots that are exactly as rsnap left them
+(rsnap.snapshot.settled), and anything that differs is still compared by content and repaired.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cargo_util import create_workspace
+from rsnap_util import rsnap
+
+
+def _restore(ws, store):
+    return rsnap(ws, store, "restore", "--json").check().data
+
+
+@pytest.fixture
+def runner(registry, gitdep_url, tmp_path):
+    """A workspace built and saved once: the runner keeps its target dir between jobs."""
+    ws = create_workspace(tmp_path / "ws", registry.index_url, gitdep_url)
+    ws.build("build")
+    store = tmp_path / "store"
+    rsnap(ws, store, "save", "--json").check()
+    return ws, store
+
+
+def _a_file(ws, suffix: str) -> Path:
+    return next(p for p in sorted((ws.target / "debug" / "deps").iterdir()) if p.name.endswith(suffix))
+
+
+def test_restore_after_save_is_settled_and_writes_nothing(runner):
+    ws, store = runner
+    res = _restore(ws, store)
+    assert res["settled_roots"] == ["cargo_home", "target"], res
+    assert res["files_written"] == 0 and res["files_removed"] == 0
+    assert set(res["timings"]) >= {"plan", "manifest", "sources", "total"}
+    again = _restore(ws, store)
+    assert again["settled_roots"] == ["cargo_home", "target"] and again["files_written"] == 0
+    assert ws.build("build", "--offline").all_fresh()
+    # a no-op build reads fingerprints (atime moves) and rewrites the uplifted dep-info files
+    # (target/debug/*.d: same content, new mtime): the next restore compares and fixes them
+    res = _restore(ws, store)
+    assert res["files_written"] == 0 and res["metadata_fixed"] >= 1, res
+    assert _restore(ws, store)["settled_roots"] == ["cargo_home", "target"]
+    assert ws.build("build", "--offline").all_fresh()
+
+
+def test_same_size_same_mtime_rewrite_is_found_and_repaired(runner):
+    ws, store = runner
+    _restore(ws, store)
+    rlib = _a_file(ws, ".rlib")
+    original = rlib.read_bytes()
+    st = rlib.stat()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    rlib.write_bytes(bytes(damaged))
+    os.utime(rlib, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before: only ctime moved
+    res = _restore(ws, store)
+    assert "target" not in res["settled_roots"]
+    assert res["files_written"] >= 1
+    assert rlib.read_bytes() == original
+    assert _restore(ws, store)["settled_roots"] == ["cargo_home", "target"]
+
+
+def test_extra_and_missing_files_are_repaired(runner):
+    ws, store = runner
+    _restore(ws, store)
+    extra = ws.target / "debug" / "deps" / "stray.txt"
+    extra.write_text("not in the snapshot")
+    gone = _a_file(ws, ".rmeta")
+    content = gone.read_bytes()
+    gone.unlink()
+    crate = next((ws.cargo_home / "registry" / "cache").rglob("*.crate"))
+    crate_bytes = crate.read_bytes()
+    crate.unlink()
+    res = _restore(ws, store)
+    assert res["settled_roots"] == []
+    assert not extra.exists()
+    assert gone.read_bytes() == content
+    assert crate.read_bytes() == crate_bytes
+    assert ws.build("build", "--offline").all_fresh()
+
+
+def test_build_after_a_change_then_restore_goes_back_to_the_snapshot(runner):
+    """A job built a change and did not save; the next job (at the saved commit) restores."""
+    ws, store = runner
+    _restore(ws, store)
+    path = "crates/core/src/lib.rs"
+    old = "pub const REVISION: u32 = 1;"
+    ws.replace(path, old, old.replace("= 1;", "= 5;"))
+    assert ws.build("build", "--offline").compiled()
+    assert "rev=5" in ws.run_app()
+    ws.git("checkout", "--", path)  # next job: the saved commit again
+    res = _restore(ws, store)
+    assert "target" not in res["settled_roots"]
+    assert _restore(ws, store)["settled_roots"] == ["cargo_home", "target"]
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert "rev=1" in ws.run_app()
+
+
+def test_a_new_snapshot_is_settled_after_its_save(runner):
+    ws, store = runner
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
+    ws.build("build", "--offline")
+    saved = rsnap(ws, store, "save", "--json").check().data
+    res = _restore(ws, store)
+    assert res["snapshot"] == saved["snapshot"]
+    assert res["settled_roots"] == ["cargo_home", "target"] and res["files_written"] == 0
+    assert ws.build("build", "--offline").all_fresh()
+
+
+def test_a_damaged_record_falls_back_to_the_full_plan(runner):
+    ws, store = runner
+    _restore(ws, store)
+    (ws.target / ".rsnap" / "settled").write_bytes(b"garbage")
+    res = _restore(ws, store)
+    assert res["settled_roots"] == [] and res["files_written"] == 0
+    assert _restore(ws, store)["settled_roots"] == ["cargo_home", "target"]
