@@ -120,3 +120,34 @@ def test_a_damaged_record_falls_back_to_the_full_plan(runner):
     res = _restore(ws, store)
     assert res["settled_roots"] == [] and res["files_written"] == 0
     assert _restore(ws, store)["settled_roots"] == ["cargo_home", "target"]
+
+
+def test_cargos_rustc_cache_travels_with_the_snapshot(runner, tmp_path):
+    """Issue 15 item 3: without target/.rustc_info.json the first build after a restore re-runs
+    cargo's rustc queries. The snapshot carries it; an existing one is never replaced."""
+    ws, store = runner
+    info = ws.target / ".rustc_info.json"
+    text = info.read_text()
+    ws.clone_fresh(allow_dirty=True)
+    assert not ws.target.exists()
+    res = _restore(ws, store)
+    assert res["files_written"] > 50
+    assert info.read_text() == text
+    assert ws.build("build", "--offline").all_fresh()
+    info.write_text('{"rustc_fingerprint":0,"outputs":{}}')
+    _restore(ws, store)
+    assert info.read_text() == '{"rustc_fingerprint":0,"outputs":{}}'  # this machine's own: kept
+    assert ws.build("build", "--offline").all_fresh()  # cargo ignores a stale one and rewrites it
+    assert info.read_text() != '{"rustc_fingerprint":0,"outputs":{}}'
+
+
+@pytest.mark.parametrize("field", [{"target": {"../evil": "x"}}, {"home": {".rustc_info.json": "x"}},
+                                   {"target": {".rustc_info.json": 7}}, ["x"]])
+def test_hostile_rustc_info_is_refused(field):
+    from rsnap.errors import FormatError
+    from rsnap.store import manifest as mf
+    m = mf.Manifest(key="k", created_ns=1, workspace_root="/w", cargo_home="/h", rsnap_version="0",
+                    key_inputs={}, roots=[], sources=[], source_dirs=[], blobs={}, rustc_info={"target": {}})
+    m.rustc_info = field
+    with pytest.raises(FormatError):
+        mf.loads(mf.dumps(m))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .. import faults, timings
-from ..cargo import layout, mtimes
+from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import manifest as mf, repo
@@ -50,7 +50,10 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
     stats = RestoreStats()
     specs = {s.name: s for s in root_specs(ws)}
     plans = []
-    unchanged = settled.settled_roots(ws, snapshot_name, m, {r.name: root_path(ws, r.name) for r in m.roots})
+    paths = {r.name: root_path(ws, r.name) for r in m.roots}
+    # cargo's rustc query cache (not an entry; cargo checks it): before the roots are compared
+    rustc_info.put_back(paths, m.rustc_info)
+    unchanged = settled.settled_roots(ws, snapshot_name, m, paths)
     for root in m.roots:
         path = root_path(ws, root.name)
         spec = specs.get(root.name)
@@ -94,6 +97,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         for plan in plans:
             if not plan.settled:
                 _set_dir_meta(plan)
+        rustc_info.put_back(paths, m.rustc_info)  # into a root this restore made
         bar.finish()
         timings.mark("fingerprints_dirs")
         for plan in plans:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import __version__, faults
-from ..cargo import layout, mtimes
+from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import chunking, manifest as mf, repo
@@ -76,6 +76,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                 key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
                 rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
                 source_dirs=source_dirs, blobs=blobs, chunks=chunks, source_links=source_links,
+                rustc_info=rustc_info.collect({s.name: s.path for s in root_specs(ws)}),
             )
             data = mf.dumps(m)
             _arm_keeping_stat_caches(ws, caches)

@@ -112,7 +112,7 @@ def _loads_trusted(data: bytes) -> mf.Manifest:
         created_ns=doc["created_ns"], workspace_root=str(doc["workspace_root"]), cargo_home=str(doc["cargo_home"]),
         key_inputs=dict(doc.get("key_inputs", {})), roots=roots, sources=doc.get("sources", []),
         source_dirs=doc.get("source_dirs", []), blobs=doc["blobs"], chunks=doc.get("chunks", {}),
-        source_links=doc.get("source_links", []))
+        source_links=doc.get("source_links", []), rustc_info=doc.get("rustc_info", {}))
 
 
 # ---------------------------------------------------------------- restore: which roots are settled
