@@ -151,3 +151,29 @@ def test_hostile_rustc_info_is_refused(field):
     m.rustc_info = field
     with pytest.raises(FormatError):
         mf.loads(mf.dumps(m))
+
+
+def test_discovery_cache_skips_cargo_and_rustc_only_while_nothing_changed(runner):
+    """Issue 15 item 2: `cargo metadata` and `rustc -vV` are not run again while every file and
+    variable their answers depend on is unchanged; any change runs them."""
+    import time
+    ws, store = runner
+    time.sleep(2.1)  # results are cached only when no input changed within 2 s of the call
+    first = _restore(ws, store)  # (the save after the build may have recorded them already)
+    again = _restore(ws, store)
+    assert again["discovery_cached"] is True and again["key"] == first["key"]
+    assert rsnap(ws, store, "save", "--json").check().data["discovery_cached"] is True
+    # a config file that moves the target dir appears: cargo is asked, and the new place is used
+    ws.write(".cargo/config.toml", '[build]\ntarget-dir = "elsewhere"\n')
+    moved = _restore(ws, store)
+    assert moved["discovery_cached"] is False
+    assert (ws.root / "elsewhere" / "debug").is_dir()
+    (ws.root / ".cargo" / "config.toml").unlink()
+    back = _restore(ws, store)  # as before the config existed: the first record is right again
+    assert back["discovery_cached"] is True and back["result"] == "exact"
+    assert ws.build("build", "--offline").all_fresh()
+    # the environment counts too
+    env = rsnap(ws, store, "restore", "--json", env_extra={"CARGO_TARGET_DIR": str(ws.root / "t2")}).check().data
+    assert env["discovery_cached"] is False and (ws.root / "t2" / "debug").is_dir()
+    off = rsnap(ws, store, "restore", "--json", env_extra={"RSNAP_NO_DISCOVERY_CACHE": "1"}).check().data
+    assert off["discovery_cached"] is False

@@ -70,7 +70,9 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
         out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
               "repaired_interrupted_restore": was_interrupted, **out,
-              "seconds": round(time.monotonic() - started, 3), "timings": _timings()}
+              "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
+              "discovery_cached": prefetch.from_cache()}
+    prefetch.remember(ws.target_dir, manifest_path)
     emit(as_json, result,
          f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
@@ -116,9 +118,11 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
         timings.mark("gc")
         out = save_snapshot(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
+    prefetch.remember(ws.target_dir, manifest_path)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
-    emit(as_json, {**out, "store": st.url, "gc": gc_report, "timings": _timings()},
+    emit(as_json, {**out, "store": st.url, "gc": gc_report, "timings": _timings(),
+                   "discovery_cached": prefetch.from_cache()},
          f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
 
