@@ -37,6 +37,8 @@ from . import scan
 
 SETTLED_FILE = "settled"
 ABSENT = "absent"
+_IFREG_TEST = stat.S_IFMT(0o177777)  # the file type bits
+_TYPE_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK}
 _VERSION = 1
 
 
@@ -45,7 +47,9 @@ def _state_path(ws) -> Path:
 
 
 def _key(st: os.stat_result) -> list:
-    return [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev]
+    """What is compared: type and mode, size (files only), mtime, inode, ctime, device."""
+    size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return [st.st_mode, size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev]
 
 
 def manifest_digest(data: bytes) -> str:
@@ -144,7 +148,8 @@ def _unchanged(root: str, rec: dict) -> bool:
                     return False
                 continue
             st = lstat(f"{root}/{rel}" if rel else root)
-            if [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev] != key:
+            if [st.st_mode, st.st_size if st.st_mode & _IFREG_TEST == stat.S_IFREG else 0, st.st_mtime_ns,
+                    st.st_ino, st.st_ctime_ns, st.st_dev] != key:
                 return False
     except (OSError, TypeError, ValueError, AttributeError):
         return False
@@ -154,10 +159,11 @@ def _unchanged(root: str, rec: dict) -> bool:
 # ---------------------------------------------------------------- recording
 
 def record(ws, name: str, m: mf.Manifest, specs: dict, caches: dict[str, scan.StatCache],
-           keep: dict[str, dict] | None = None) -> None:
+           keep: dict[str, dict] | None = None, found: dict[str, list] | None = None) -> None:
     """Write the settled record for snapshot `name` (manifest `m`, which carries `raw_digest`).
     `specs`: root name -> RootSpec; `caches`: root name -> its stat cache as just written;
-    `keep`: records of roots known unchanged (settled this restore), reused as they are."""
+    `keep`: records of roots known unchanged (settled this restore), reused as they are;
+    `found`: root name -> the walk the manifest was made from (a save), else the roots are walked."""
     digest = getattr(m, "raw_digest", None)
     if digest is None:
         forget(ws)
@@ -168,13 +174,17 @@ def record(ws, name: str, m: mf.Manifest, specs: dict, caches: dict[str, scan.St
         if keep and root.name in keep:
             roots[root.name] = keep[root.name]
         elif spec is not None and root.name in caches:
-            rec = _record_root(spec, root, caches[root.name])
+            rec = _record_root(spec, root, caches[root.name], (found or {}).get(root.name))
             if rec is not None:
                 roots[root.name] = rec
     _write(ws, {"version": _VERSION, "rsnap": __version__, "snapshot": name, "manifest": digest, "roots": roots})
 
 
-def _record_root(spec, root: mf.Root, cache: scan.StatCache) -> dict | None:
+def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None) -> dict | None:
+    """The expected stat of every path of a root that is verifiably as the manifest says, or None.
+    A file's expected stat is its stat cache record, which maps exactly that stat to the manifest's
+    digest (the cache's own trust rule); if the file changed since, its stat differs and the next
+    restore plans the root in full."""
     path = str(spec.path)
     try:
         top = os.lstat(path)
@@ -182,7 +192,8 @@ def _record_root(spec, root: mf.Root, cache: scan.StatCache) -> dict | None:
         return None
     if not stat.S_ISDIR(top.st_mode):
         return None
-    stats = {"": _key(top)}
+    dev = top.st_dev
+    stats: dict = {"": _key(top)}
     for sub in spec.subtrees:
         if sub:
             try:
@@ -191,37 +202,39 @@ def _record_root(spec, root: mf.Root, cache: scan.StatCache) -> dict | None:
                 stats[sub] = ABSENT  # a subtree that is absent must stay absent
             except OSError:
                 return None
-    found = {f.rel: f for f in scan.walk(spec.path, spec.subtrees, spec.exclude)}
+    walked = {f.rel: f for f in (found if found is not None else scan.walk(spec.path, spec.subtrees, spec.exclude))}
     for e in root.entries:
-        f = found.get(e.path)
-        if f is None or not _as_recorded(e, f, found, cache):
+        f = walked.get(e.path)
+        if f is None:
             return None
-    if not root.merge and len(found) != len(root.entries):
+        if e.type == mf.FILE:
+            rec = cache.files.get(e.path)
+            if f.type != "f" or f.mode != e.mode or not rec or rec[4] != e.digest or rec[0] != e.size \
+                    or rec[1] != e.mtime_ns or rec[2] != f.ino:
+                return None
+            stats[e.path] = [stat.S_IFREG | f.mode, rec[0], rec[1], rec[2], rec[3], dev]
+            continue
+        if e.type == mf.HARDLINK:
+            first = walked.get(e.digest)
+            ok = f.type == "f" and first is not None and first.type == "f" and f.ino == first.ino
+        elif e.type == mf.DIR:
+            ok = f.type == "d" and f.mtime_ns == e.mtime_ns and f.mode == e.mode
+        else:
+            ok = e.type == mf.LINK and f.type == "l" and f.link == e.digest
+        if not ok:
+            return None
+        stats[e.path] = _found_key(f, dev)
+    if not root.merge and len(walked) != len(root.entries):
         return None  # something the snapshot lacks: restore would remove it
-    for rel, f in found.items():
-        try:
-            st = os.lstat(f"{path}/{rel}")
-        except OSError:
-            return None
-        if (st.st_ino, st.st_ctime_ns, st.st_mtime_ns) != (f.ino, f.ctime_ns, f.mtime_ns) or (
-                f.type == "f" and st.st_size != f.size):
-            return None  # changed while we looked
-        stats[rel] = _key(st)
+    for rel, f in walked.items():
+        if rel not in stats:
+            stats[rel] = _found_key(f, dev)  # a merge root's own extras: restore leaves them alone
     return {"path": path, "stats": stats}
 
 
-def _as_recorded(e: mf.Entry, f: scan.Found, found: dict, cache: scan.StatCache) -> bool:
-    if e.type == mf.FILE:
-        return f.type == "f" and f.size == e.size and f.mtime_ns == e.mtime_ns and f.mode == e.mode \
-            and cache.digest_for(f) == e.digest
-    if e.type == mf.HARDLINK:
-        first = found.get(e.digest)
-        return f.type == "f" and first is not None and first.type == "f" and f.ino == first.ino
-    if e.type == mf.DIR:
-        return f.type == "d" and f.mtime_ns == e.mtime_ns and f.mode == e.mode
-    if e.type == mf.LINK:
-        return f.type == "l" and f.link == e.digest
-    return False
+def _found_key(f: scan.Found, dev: int) -> list:
+    return [_TYPE_BITS[f.type] | (0o777 if f.type == "l" else f.mode), f.size if f.type == "f" else 0,
+            f.mtime_ns, f.ino, f.ctime_ns, dev]
 
 
 def retimed(recs: dict[str, dict], changes: list) -> None:
