@@ -38,12 +38,6 @@ import realistic  # noqa: E402
 
 DEPS_FILE = "crates/core_types/src/lib.rs"   # realistic: a crate four others depend on
 DEPS_MARKER = "pub const RSNAP_BENCH_EDIT: u32 = "
-TARGETS = {  # ratio -> (description, limit, which projects)
-    "fresh_vs_warm": ("fresh runner (rsnap restore + build) / warm build", 1.5, "realistic"),
-    "restore_vs_untar": ("rsnap restore into an empty target / untar", 0.8, "realistic"),
-    "debian_restore_vs_untar": ("rsnap restore into an empty target / untar", 1.0, "debian"),
-    "debian_save_vs_tar": ("rsnap save after a change / tar | zstd save", 0.5, "debian"),
-}
 
 
 def log(msg: str) -> None:
