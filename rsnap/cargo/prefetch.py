@@ -10,11 +10,15 @@ import os
 import subprocess
 
 _started: dict[tuple, subprocess.Popen] = {}
+_cached: dict[tuple, str] = {}   # (cmd, cwd) -> stdout, from rsnap.cargo.discovery_cache
+_results: list[list] = []        # [cmd, cwd, stdout] of this process's successful discovery commands
+_ran = [False]                   # did anything actually run (so the cache is worth rewriting)
+_started_ns = [0]
 
 
 def start(cmd: list[str], cwd: str | None = None) -> None:
     key = (tuple(cmd), cwd)
-    if key in _started:
+    if key in _started or key in _cached:
         return
     try:
         _started[key] = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -25,8 +29,13 @@ def start(cmd: list[str], cwd: str | None = None) -> None:
 def run(cmd: list[str], cwd: str | None = None, timeout: float | None = None) -> tuple[int, str, str]:
     """(returncode, stdout, stderr) of cmd; raises OSError if it cannot be started and
     subprocess.TimeoutExpired (after killing it) if it does not finish in time."""
+    key = (tuple(cmd), cwd)
+    if key in _cached:
+        out = _cached.pop(key)
+        _results.append([cmd, cwd, out])
+        return 0, out, ""
     start(cmd, cwd)
-    proc = _started.pop((tuple(cmd), cwd), None)
+    proc = _started.pop(key, None)
     if proc is None:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -35,6 +44,9 @@ def run(cmd: list[str], cwd: str | None = None, timeout: float | None = None) ->
         proc.kill()
         proc.communicate()
         raise
+    if proc.returncode == 0 and (cmd[-1:] == ["-vV"] or ("metadata" in cmd and "--no-deps" in cmd)):
+        _results.append([cmd, cwd, out])
+        _ran[0] = True
     return proc.returncode, out, err
 
 
@@ -53,6 +65,24 @@ def likely_root(manifest_path: str | None) -> str:
 
 
 def start_discovery(manifest_path: str | None) -> None:
-    """What every restore and save runs first: workspace metadata and the compiler version."""
+    """What every restore and save runs first: workspace metadata and the compiler version,
+    unless rsnap.cargo.discovery_cache has their answers."""
+    import time
+    from . import discovery_cache
+    _started_ns[0] = time.time_ns()
+    for cmd, cwd, out in discovery_cache.lookup(manifest_path) or []:
+        _cached[(tuple(cmd), cwd)] = out
     start(metadata_cmd(manifest_path, no_deps=True))
     start(rustc_version_cmd(), likely_root(manifest_path))
+
+
+def from_cache() -> bool:
+    """Did this call's discovery come from rsnap.cargo.discovery_cache (nothing spawned)?"""
+    return bool(_results) and not _ran[0]
+
+
+def remember(target_dir, manifest_path: str | None) -> None:
+    """After a call: record what discovery ran, for the next call (rsnap.cargo.discovery_cache)."""
+    if _ran[0] and _started_ns[0]:
+        from . import discovery_cache
+        discovery_cache.save(target_dir, manifest_path, _results, _started_ns[0])

@@ -10,12 +10,14 @@ import os
 import sys
 import time
 
+from .. import timings
 from ..cargo import keys, prefetch
 from ..cargo.layout import discover, RSNAP_DIR
 from ..errors import RsnapError, StoreError, EXIT_USAGE
 from ..progress import human_bytes
 from ..snapshot.restore import restore as restore_snapshot
 from ..snapshot.roots import arm_usage, locked, restore_interrupted
+from ..snapshot.settled import read_manifest
 from ..store import default_store_url, open_store, repo
 
 
@@ -41,18 +43,23 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
             manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
             quiet: bool = False, scope: str | None = None, read_scope: list[str] | None = None) -> None:
     started = time.monotonic()
+    timings.mark("startup")
     ws = _discover(manifest_path)
+    timings.mark("discover")
     k, inputs = key_and_inputs(ws, key)
+    timings.mark("key")
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
     try:
         st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
         return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
+    timings.mark("lookup")
     if name is None:
         return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
                      "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
-    m = repo.read_manifest(st, name)
+    m = read_manifest(st, name, ws)
+    timings.mark("manifest")
     if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
         return _miss(as_json, quiet, base, started,
                      f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
@@ -62,7 +69,9 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
         out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
               "repaired_interrupted_restore": was_interrupted, **out,
-              "seconds": round(time.monotonic() - started, 3)}
+              "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
+              "discovery_cached": prefetch.from_cache()}
+    prefetch.remember(ws.target_dir, manifest_path)
     if out["clock_shift_seconds"] and not as_json and not quiet:
         sys.stderr.write(f"rsnap: warning: the snapshot's mtimes lay up to {out['clock_shift_seconds']}s in this "
                          "machine's future (clock skew); all restored mtimes were moved back by that much\n")
@@ -98,11 +107,18 @@ def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] |
     return opened[0][0], None, "miss", opened[0][1]
 
 
+def _timings() -> dict:
+    """Seconds per phase of this call (rsnap.timings), then start over for the next call."""
+    out = timings.report()
+    timings.reset()
+    return out
+
+
 def _miss(as_json, quiet, base, started, message, ws=None):
     if ws is not None:
         arm_usage(ws)
     data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
-            "seconds": round(time.monotonic() - started, 3)}
+            "seconds": round(time.monotonic() - started, 3), "timings": _timings()}
     emit(as_json, data, f"rsnap: miss: {message}", quiet)
 
 
@@ -111,10 +127,13 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
          as_json: bool = False, quiet: bool = False, scope: str | None = None) -> None:
     from ..cargo import gc
     from ..snapshot.save import save as save_snapshot
+    timings.mark("startup")
     ws = _discover(manifest_path, with_deps=True)
+    timings.mark("discover")
     cap = max_size_bytes(ws, max_size)
     k, inputs = key_and_inputs(ws, key)
     st = open_store(store, scope=scope or "")
+    timings.mark("key")
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         if restore_interrupted(ws):
             raise RsnapError("the last restore into this target dir was interrupted; run `rsnap restore` "
@@ -123,11 +142,14 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
         # a CARGO_HOME left unpruned on disk is still pruned in the snapshot
         excluded = frozenset(gc.collect_cargo_home(ws, dry_run=True).get("unreferenced", [])) \
             if keep_cargo_home and not no_gc else frozenset()
+        timings.mark("gc")
         out = save_snapshot(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
+    prefetch.remember(ws.target_dir, manifest_path)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
-    emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report},
+    emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report, "timings": _timings(),
+                   "discovery_cached": prefetch.from_cache()},
          f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
 

@@ -17,6 +17,7 @@ import sys
 # ~0.1 s. pip writes bytecode for installed packages anyway; let Python cache ours.
 sys.dont_write_bytecode = False
 
+from .. import timings  # noqa: E402 - starts the clock of --json's `timings`
 from ..errors import RsnapError, EXIT_NOSPACE, EXIT_USAGE
 
 # option -> (parameter, kind); kind is "value", "multi" (repeatable value) or "flag"
@@ -83,7 +84,9 @@ def run(argv: list[str]) -> int:
         from ..cargo import prefetch
         name, kwargs = fast
         prefetch.start_discovery(kwargs["manifest_path"])  # runs while the rest is imported
+        timings.mark("spawn")
         from . import commands
+        timings.mark("imports")
         getattr(commands, name)(**kwargs)
         return FAST_DONE
     from .app import app

@@ -16,6 +16,13 @@ class RestorePlan:
         self.fix_meta: list[tuple[mf.Entry, scan.Found]] = []
         self.remove: list[scan.Found] = []
         self.unchanged = 0
+        self.settled = False  # on disk exactly as last restored/saved (rsnap.snapshot.settled): nothing to do
+
+
+def settled_plan(spec_path: Path, root: mf.Root) -> RestorePlan:
+    plan = RestorePlan(spec_path=spec_path, root=root)
+    plan.unchanged, plan.settled = len(root.entries), True
+    return plan
 
 
 def merge_subtrees(root: mf.Root) -> list[str]:

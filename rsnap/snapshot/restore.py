@@ -14,17 +14,16 @@ import json
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .. import faults
-from ..cargo import layout, mtimes
+from .. import faults, timings
+from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import manifest as mf, repo
-from . import clock, scan
-from .plan import RestorePlan, merge_subtrees, plan_root
+from . import clock, scan, settled
+from .plan import RestorePlan, merge_subtrees, plan_root, settled_plan
 from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
 
 RESTORED_INFO = "restored.json"
@@ -53,45 +52,70 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
     clock.shift_back(m, shift)
     specs = {s.name: s for s in root_specs(ws)}
     plans = []
+    paths = {r.name: root_path(ws, r.name) for r in m.roots}
+    # cargo's rustc query cache (not an entry; cargo checks it): before the roots are compared
+    rustc_info.put_back(paths, m.rustc_info)
+    unchanged = settled.settled_roots(ws, snapshot_name, m, paths)
     for root in m.roots:
         path = root_path(ws, root.name)
         spec = specs.get(root.name)
+        if root.name in unchanged:
+            plans.append(settled_plan(path, root))
+            continue
         subtrees = merge_subtrees(root) if root.merge else [""]
         exclude = spec.exclude if spec else layout.is_excluded_target_path
         plans.append(plan_root(path, root, subtrees, exclude))
+    timings.mark("plan")
     newest = clock.newest_artifact_ns(m)
     markers = [p.spec_path / layout.RSNAP_DIR / RESTORING_MARKER for p in plans if not p.root.merge]
     try:
+        if len(unchanged) < len(plans):
+            settled.forget(ws)
         for marker in markers:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(snapshot_name)
         faults.point("restore.marker")
         for plan in plans:
-            scan.StatCache(plan.spec_path).invalidate()
+            if not plan.settled:
+                scan.StatCache(plan.spec_path).invalidate()
         bar = Progress("rsnap restore", total=sum(e.size for p in plans for e in p.write), enabled=progress)
         for plan in plans:
             _clear_the_way(plan, stats)
+        timings.mark("prepare")
         held_back = _write_files(store, m, plans, stats, bar)
+        timings.mark("write")
         try:
             for plan in plans:
                 _write_links_and_meta(plan, stats)
+            timings.mark("links_meta")
             # Sources are normalized before fingerprints are put in place: an interruption before
             # this point leaves no fingerprint that could vouch for a source not yet re-timed.
             retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest, m.source_links)
+            timings.mark("sources")
             _put_in_place(held_back, plans)
         except BaseException:
             _discard(held_back)
             raise
         for plan in plans:
-            _set_dir_meta(plan)
+            if not plan.settled:
+                _set_dir_meta(plan)
+        rustc_info.put_back(paths, m.rustc_info)  # into a root this restore made
         bar.finish()
+        timings.mark("fingerprints_dirs")
         for plan in plans:
             if not plan.root.merge:
                 info = plan.spec_path / layout.RSNAP_DIR / RESTORED_INFO
                 info.write_text(json.dumps({"snapshot": snapshot_name, "key": m.key, "restored_ns": time.time_ns()}))
-        arm_usage(ws)  # before the stat cache is written: arming changes fingerprint files' ctimes
-        for plan in plans:
-            _remember_restored(plan)
+        rearmed: list = []
+        arm_usage(ws, rearmed)  # before the stat cache is written: arming changes fingerprint files' ctimes
+        timings.mark("arm")
+        caches = {plan.root.name: _remember_restored(plan) for plan in plans if not plan.settled}
+        _after_rearm([p for p in plans if p.settled], rearmed)
+        timings.mark("stat_cache")
+        if caches or rearmed:
+            settled.retimed(unchanged, rearmed)
+            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged)
+        timings.mark("settled")
         faults.point("restore.done")
         for marker in markers:
             marker.unlink(missing_ok=True)
@@ -99,7 +123,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         raise os_error("restore", e) from None
     return {"files_written": stats.files_written, "bytes_written": stats.bytes_written,
             "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
-            "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(),
+            "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(), "settled_roots": sorted(unchanged),
             "clock_shift_seconds": round(shift / 1e9, 3),
             "seconds": round(time.monotonic() - started, 3)}
 
@@ -289,6 +313,9 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
             faults.point("restore.write")
         return task
 
+    if not files:
+        return held_back
+    from concurrent.futures import ThreadPoolExecutor  # (+logging: ~10 ms) only when there is work
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     try:
         for task in pool.map(run, _tasks(m, files)):
@@ -411,7 +438,19 @@ def _link_atomic(first: Path, dest: Path) -> None:
         raise
 
 
-def _remember_restored(plan: RestorePlan) -> None:
+def _after_rearm(plans: list[RestorePlan], rearmed: list) -> None:
+    """Settled roots keep their stat caches: move the entries of files arming re-timed along."""
+    for plan in plans:
+        prefix = f"{plan.spec_path}/"
+        mine = [(p[len(prefix):], before, after) for p, before, after in rearmed if p.startswith(prefix)]
+        if mine:
+            cache = scan.StatCache(plan.spec_path).load()
+            for rel, before, after in mine:
+                cache.retimed(rel, before, after)
+            cache.save()
+
+
+def _remember_restored(plan: RestorePlan) -> scan.StatCache:
     """Record restored files in the stat cache so the next save need not re-hash them."""
     cache = scan.StatCache(plan.spec_path)
     if plan.root.merge:
@@ -426,3 +465,4 @@ def _remember_restored(plan: RestorePlan) -> None:
             except OSError:
                 pass
     cache.save()
+    return cache

@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
-from .. import __version__, faults
-from ..cargo import layout, mtimes
+from .. import __version__, faults, timings
+from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import chunking, manifest as mf, repo
-from . import scan
+from . import scan, settled
 from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
 
 class SaveStats:
@@ -45,6 +45,7 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
 
 def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded) -> dict:
     known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
+    timings.mark("dedupe_tables")
     writer = repo.PackWriter(store)
     stats = SaveStats()
     roots, caches = [], []
@@ -64,9 +65,11 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                         caches.append(scan.StatCache(spec.path).load())
                         jobs.append(_start_root(spec, caches[-1], pool, seen, claims))
                 sources, source_dirs, source_links = mtimes.record_sources(ws)
+                timings.mark("walk_sources")
                 for job in jobs:
                     roots.append(_finish_root(job, seen, writer, claims, stats, bar))
-                writer.ship()  # the last pack is written (and fsynced) while the manifest is made
+                writer.ship()
+                timings.mark("hash_compress")  # the last pack is written (and fsynced) while the manifest is made
             for digest in list(blobs):
                 if blobs[digest] is None:
                     blobs[digest] = writer.locations[digest]
@@ -76,15 +79,22 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                 key=key, created_ns=repo.now_ns(), workspace_root=str(ws.root), cargo_home=str(ws.cargo_home),
                 rsnap_version=__version__, key_inputs=key_inputs, roots=roots, sources=sources,
                 source_dirs=source_dirs, blobs=blobs, chunks=chunks, source_links=source_links,
+                rustc_info=rustc_info.collect({s.name: s.path for s in root_specs(ws)}),
             )
             data = mf.dumps(m)
             _arm_keeping_stat_caches(ws, caches)
             writer.flush()  # every pack is in the store before the manifest that names them
             faults.point("save.manifest")
             name = repo.write_manifest(store, m, data)
+            timings.mark("manifest")
         finally:
             for cache in caches:
                 cache.save()
+        # a persistent runner's next restore of this snapshot need not compare anything
+        m.raw_digest = settled.manifest_digest(data)
+        settled.record(ws, name, m, {s.name: s for s in root_specs(ws, home_excluded)},
+                       {job.spec.name: job.cache for job in jobs}, found={job.spec.name: job.found for job in jobs})
+        timings.mark("settled")
     stats.bytes_written += writer.bytes_written
     stats.packs_written = writer.packs_written
     return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import zstandard
 
 from ..cargo.layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
+from ..cargo import rustc_info
 from ..errors import FormatError
 
 FORMAT_VERSION = 2  # 2: `chunks` (format 1 manifests are still read)
@@ -59,13 +60,14 @@ class Manifest:
     def __init__(self, *, key: str, created_ns: int, workspace_root: str, cargo_home: str, rsnap_version: str,
                  key_inputs: dict, roots: list[Root], sources: list[list], source_dirs: list[str],
                  blobs: dict[str, list], chunks: dict[str, list[str]] | None = None, format: int = FORMAT_VERSION,
-                 source_links: list[list] | None = None):
+                 source_links: list[list] | None = None, rustc_info: dict | None = None):
         self.key, self.created_ns, self.rsnap_version, self.format = key, created_ns, rsnap_version, format
         self.workspace_root, self.cargo_home, self.key_inputs = workspace_root, cargo_home, key_inputs
         self.roots, self.sources, self.source_dirs = roots, sources, source_dirs
         self.blobs = blobs
         self.chunks = chunks if chunks is not None else {}
         self.source_links = source_links if source_links is not None else []
+        self.rustc_info = rustc_info if rustc_info is not None else {}  # rsnap.cargo.rustc_info
 
     def root(self, name: str) -> Root | None:
         return next((r for r in self.roots if r.name == name), None)
@@ -88,6 +90,8 @@ def dumps(m: Manifest) -> bytes:
     }
     if m.source_links:  # optional: rsnap before it ignores the field (and symlinks, as cargo does)
         doc["source_links"] = m.source_links
+    if m.rustc_info:  # optional, ignored by rsnap before it: see rsnap.cargo.rustc_info
+        doc["rustc_info"] = m.rustc_info
     raw = json.dumps(doc, separators=(",", ":")).encode()
     return zstandard.ZstdCompressor(level=6).compress(raw)
 
@@ -198,7 +202,7 @@ def _build(doc: dict) -> Manifest:
         created_ns=created_ns, workspace_root=str(doc["workspace_root"]),
         cargo_home=str(doc["cargo_home"]), key_inputs=dict(doc.get("key_inputs", {})),
         roots=roots, sources=sources, source_dirs=source_dirs, blobs=blobs, chunks=chunks,
-        source_links=source_links,
+        source_links=source_links, rustc_info=rustc_info.valid(doc.get("rustc_info", {})),
     )
 
 

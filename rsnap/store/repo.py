@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 import zstandard
@@ -50,7 +49,7 @@ class PackWriter:
         self.pending_digests: set[str] = set()
         self.bytes_written = 0
         self.packs_written = 0
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer = None  # a ThreadPoolExecutor, made when the first pack is written
         self._writes: list = []
 
     def add(self, digest: str, compressed: bytes, size: int) -> None:
@@ -78,6 +77,7 @@ class PackWriter:
         data = b"".join(self.buf)
         pack_id = digest_bytes(data)
         if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor  # not imported by a restore with nothing to write
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsnap-pack")
         while len([w for w in self._writes if not w.done()]) >= self.MAX_IN_FLIGHT:
             next(w for w in self._writes if not w.done()).result()
@@ -117,6 +117,7 @@ def compress_many(parts: list) -> list[bytes]:
     global _chunk_pool
     with _chunk_pool_lock:
         if _chunk_pool is None:  # not the save's pool: its workers are the ones waiting here
+            from concurrent.futures import ThreadPoolExecutor
             _chunk_pool = ThreadPoolExecutor(max_workers=_BIG_PARAMS.threads, thread_name_prefix="rsnap-zstd")
     return list(_chunk_pool.map(compress, parts))
 
@@ -284,6 +285,7 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dic
 
 def fetch_packs_parallel(store, pack_ids: list[str], workers: int = 4):
     """Yield (pack_id, bytes) for whole packs, fetched concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from zip(pack_ids, pool.map(lambda p: store.get(pack_name(p)), pack_ids))
 
