@@ -94,6 +94,8 @@ def redact(url: str) -> str:
 class S3Store:
     """Objects are S3 objects under s3://bucket/prefix/."""
 
+    remote_store = True   # restore degrades a failed read to a miss; the compile cache uses a local tier
+
     def __init__(self, url: str, jobs: int | None = None):
         self.bucket, self.prefix, opts = resolve(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
@@ -271,6 +273,7 @@ class S3Lock:
         self._host = host
         self._stop = threading.Event()
         self._refreshed = 0.0   # time.monotonic() of the last successful write
+        self._lost = False      # a refresh came too late: others may have called the lock stale
         self._thread = None
 
     def _write(self) -> float:
@@ -317,6 +320,9 @@ class S3Lock:
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.stale / 4):
+            if time.monotonic() - self._refreshed > self.stale * 0.75:
+                self._lost = True   # (a suspended process): refreshing now would hide that
+                return
             try:
                 self._write()
             except RsnapError:
@@ -325,7 +331,7 @@ class S3Lock:
     def check(self) -> None:
         """Raise unless the lock was refreshed recently enough that no one calls it stale.
         Call before a destructive step (prune's deletes) or a commit (save's manifest)."""
-        if time.monotonic() - self._refreshed > self.stale * 0.75:
+        if self._lost or time.monotonic() - self._refreshed > self.stale * 0.75:
             raise StoreError(f"lost the lock on store {self.store.url}: it could not be refreshed for "
                              f"{time.monotonic() - self._refreshed:.0f} s")
 
