@@ -96,7 +96,7 @@ def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:
     """Right before the manifest (the commit): the store lock is still ours (a remote store's
     lock objects: refreshed in time, so no prune may have called it stale), and every pack
     this snapshot reuses from earlier snapshots is still in the store (docs/design.md,
-    "Consistency"). Otherwise no manifest is written: the save fails, nothing is visible."""
+    "Remote stores"). Otherwise no manifest is written: the save fails, nothing is visible."""
     if hasattr(held, "check"):
         try:
             held.check()

@@ -12,7 +12,7 @@ period (`grace_seconds`, default 1 h, RSNAP_PRUNE_GRACE), measured on the store'
 (`store.now()`: for S3 the server's, from its LastModified): a save in progress uploads its
 packs before its manifest, and a save whose lock went stale must not lose them. Prune holds
 the store lock exclusively (flock, or S3 lock objects) and, for a remote store, checks it is
-still held just before deleting (docs/design.md, "Consistency").
+still held just before deleting (docs/design.md, "Remote stores").
 """
 from __future__ import annotations
 

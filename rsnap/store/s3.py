@@ -8,7 +8,7 @@ web-identity and instance roles. OpenDAL reads credentials itself; region and en
 of a profile it does not read, so they are resolved here. URL query parameters override:
 `s3://bucket/prefix?region=eu-west-1&endpoint=http://127.0.0.1:9000&profile=ci`.
 
-No flock: `lock()` writes restic-style lock objects under locks/ (docs/s3-protocol.md).
+No flock: `lock()` writes restic-style lock objects under locks/ (docs/design.md, "Remote stores").
 Importing this module costs nothing; opening a store imports opendal (~7 ms).
 """
 from __future__ import annotations
@@ -249,7 +249,7 @@ class S3Store:
 
     @contextmanager
     def lock(self, exclusive: bool):
-        """Lock objects, not flock: shared for save, exclusive for prune (docs/s3-protocol.md).
+        """Lock objects, not flock: shared for save, exclusive for prune (docs/design.md, "Remote stores").
         Yields the S3Lock; `check()` raises if it was lost (not refreshed in time)."""
         lk = S3Lock(self, exclusive)
         lk.acquire()
