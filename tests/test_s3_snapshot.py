@@ -120,12 +120,17 @@ def test_round_trip_fresh_clone_compiles_nothing(s3, saved):
     assert st["would_restore"]["result"] == "exact"
 
 
-def test_second_save_after_a_one_line_change_uploads_only_new_packs(s3, saved):
-    ws = saved
+def restore_edit_build(s3, ws, path: str, old: str, new: str) -> None:
+    """A cold runner restores the newest snapshot, makes a one-line change and builds."""
     cold_runner(ws)
     s3.run(ws, "restore", "--json").check()
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
+    ws.replace(path, old, new)
     ws.build("build", "--offline")
+
+
+def test_second_save_after_a_one_line_change_uploads_only_new_packs(s3, saved):
+    ws = saved
+    restore_edit_build(s3, ws, "crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
     s3.proxy.reset_stats()
     res = s3.run(ws, "save", "--json").check().data
     got = s3.proxy.reset_stats()
@@ -254,10 +259,7 @@ def _wait_stopped(proc, timeout=60):
 
 def test_prune_racing_a_save_never_leaves_a_dangling_manifest(s3, saved):
     ws = saved
-    cold_runner(ws)
-    s3.run(ws, "restore", "--json").check()
-    ws.replace("crates/core/src/lib.rs", "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 5;")
-    ws.build("build", "--offline")
+    restore_edit_build(s3, ws, "crates/core/src/lib.rs", "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 5;")
     # 1. the save holds its (fresh) lock: prune waits for it, then prunes after it
     save = _start(s3, ws, "save", "--json", env={"RSNAP_FAULT": "save.file:1:stop"})
     _wait_stopped(save)

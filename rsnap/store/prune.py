@@ -2,7 +2,8 @@
 
 Policies (all optional, combined): keep the `keep` most recently used snapshots per key;
 drop snapshots not used for `older_than` seconds; drop the least recently used snapshots
-until what the rest reference (packs + manifests) fits in `max_size` bytes. "Use" is the
+until what the rest reference (packs + manifests) fits in `max_size` bytes. With `older_than`,
+compile-cache entries (cache/) older than that go too. "Use" is the
 newer of a snapshot's creation and its manifest's mtime: a local store's restore touches
 the manifest; S3 cannot change LastModified without rewriting the object, so there use means
 upload time.
@@ -74,6 +75,9 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
         referenced |= packs
     dead_packs = [(repo.pack_name(p), size) for p, (size, mtime) in pack_sizes.items()
                   if p not in referenced and now - mtime > grace_seconds]
+    # compile-cache entries (cache/): by age only (S3 records no use; a local tier evicts by LRU)
+    dead_cache = [] if older_than is None else \
+        [(n, size) for n, size, mtime in store.stat_all("cache/") if now - mtime > older_than]
     removed = [{"snapshot": s[0], "key": s[1], "bytes": s[3], "reason": doomed[s[0]]} for s in snaps if s[0] in doomed]
     if not dry_run:
         if hasattr(held, "check"):
@@ -81,10 +85,11 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
         _delete(store, [r["snapshot"] for r in removed])     # manifests first, then packs
         if hasattr(held, "check"):
             held.check()
-        _delete(store, [n for n, _s in dead_packs])
+        _delete(store, [n for n, _s in dead_packs] + [n for n, _s in dead_cache])
     return {"store": store.url, "snapshots_deleted": len(removed), "snapshots_kept": len(snaps) - len(removed),
             "packs_deleted": len(dead_packs), "packs_kept": len(pack_sizes) - len(dead_packs),
-            "bytes_freed": sum(s for _n, s in dead_packs) + sum(r["bytes"] for r in removed),
+            "cache_entries_deleted": len(dead_cache),
+            "bytes_freed": sum(s for _n, s in dead_packs + dead_cache) + sum(r["bytes"] for r in removed),
             "bytes_kept": total, "removed": removed, "grace_seconds": grace_seconds, "dry_run": dry_run}
 
 
