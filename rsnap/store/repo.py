@@ -278,9 +278,17 @@ def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list]
 def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dict, dict]]:
     """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
     out = []
-    for name, _key, _created in list_snapshots(store, key_prefix)[:limit]:
+    names = [name for name, _key, _created in list_snapshots(store, key_prefix)[:limit]]
+    if hasattr(store, "get_many") and len(names) > 1:   # a remote store: in parallel
         try:
-            out.append(mf.loads_blob_tables(store.get(name)))
+            raw = store.get_many(names)
+        except StoreError:
+            raw = {}
+    else:
+        raw = {}
+    for name in names:
+        try:
+            out.append(mf.loads_blob_tables(raw[name] if name in raw else store.get(name)))
         except (StoreError, FormatError):
             continue
     return out
