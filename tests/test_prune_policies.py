@@ -44,9 +44,9 @@ def test_keep_older_than_max_size_and_grace(tmp_path):
     assert st.list("snapshots/") == [a_new]
     assert st.exists(repo.pack_name(pid(9))) and not st.exists(repo.pack_name(pid(4)))
     assert out["bytes_freed"] >= 6000
-    # --max-size: the least recently used go until the rest fit; a restore's touch is a use
+    # --max-size: the least recently used go until the rest fit; a touched manifest counts as used
     c = snapshot(st, "key-c", 7200, {pid(5): 3000})
-    st.touch(c)                                                 # restored just now
+    st.touch(c)                                                 # marked used just now
     out = prune.prune(st, keep=5, max_size=3500, grace_seconds=0)
     assert [r["snapshot"] for r in out["removed"]] == [a_new] and st.list("snapshots/") == [c]
     assert not st.exists(repo.pack_name(pid(2))) and not st.exists(repo.pack_name(pid(9)))

@@ -190,7 +190,7 @@ def store_prune(store: Optional[str] = StoreOpt,
                 keep: int = typer.Option(1, "--keep", min=1, help="Snapshots to keep per key (most recently used)."),
                 older_than: Optional[str] = typer.Option(
                     None, "--older-than", help="Also delete snapshots not used for this long (e.g. 12h, 7d, 2w). "
-                                               "Use = creation, or the last restore from a local store."),
+                                               "Use = when the snapshot was saved."),
                 max_size: Optional[str] = typer.Option(
                     None, "--max-size", help="Also delete the least recently used snapshots until the rest "
                                              "(their packs and manifests) fit in this size (e.g. 20G)."),

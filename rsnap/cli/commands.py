@@ -108,7 +108,6 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
-    st.touch(name)  # a local store records the use (prune keeps recently used snapshots); S3: no-op
     return st
 
 

@@ -4,9 +4,9 @@ Policies (all optional, combined): keep the `keep` most recently used snapshots 
 drop snapshots not used for `older_than` seconds; drop the least recently used snapshots
 until what the rest reference (packs + manifests) fits in `max_size` bytes. With `older_than`,
 compile-cache entries (cache/) older than that go too. "Use" is the
-newer of a snapshot's creation and its manifest's mtime: a local store's restore touches
-the manifest; S3 cannot change LastModified without rewriting the object, so there use means
-upload time.
+newer of a snapshot's creation and its manifest's mtime (upload time on S3, which cannot change
+LastModified without rewriting the object). Restore does not record uses (it leaves the store
+untouched), so today "use" is creation; touching a manifest (`store.touch`) marks a use.
 
 A pack is deleted only when no kept snapshot references it and it is older than the grace
 period (`grace_seconds`, default 1 h, RSNAP_PRUNE_GRACE), measured on the store's clock
