@@ -77,7 +77,7 @@ def wheels(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(dest)]
     subprocess.run([*pip, "--no-deps", str(REPO_ROOT)], check=True, capture_output=True)
-    subprocess.run([*pip, "zstandard>=0.22", "xxhash>=3.4", "pyfastcdc>=0.3,<0.4", "typer>=0.12",
+    subprocess.run([*pip, "zstandard>=0.22", "xxhash>=3.4", "pyfastcdc>=0.3,<0.4", "typer>=0.12", "opendal>=0.47,<0.48",
                     "setuptools>=68", "wheel"],  # the last two: the Earthfile's +dist builds the wheel
                    check=True, capture_output=True)
 

@@ -10,6 +10,7 @@ make_cargo_home             factory: make_cargo_home(path=None) -> Path of a con
 make_workspace              factory: make_workspace(path=None, cargo_home=None, gitdep=None) -> Workspace
 built_workspace (session)   a Workspace built once per session (don't mutate; copy from it)
 template_output (session)   clean-build app output of the unedited template, normalized (<ROOT>)
+moto_server, fault_proxy    S3 server and fault proxy (tests/s3_fixtures.py)
 
 Set RSNAP_TEST_REGISTRY_PORT to pin the registry port (cargo's registry dir names
 under $CARGO_HOME hash the index URL, so they change with the port).
@@ -25,6 +26,8 @@ import pytest
 from cargo_util import (Workspace, cargo_env as _cargo_env, create_workspace, mkgitdep,
                         mkregistry, normalize_output)
 from fixtures.tools import cargohome
+
+pytest_plugins = ["s3_fixtures"]  # moto_server, fault_proxy
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,9 @@
     env = server.env()                    # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID=testing, ...
     server.stop()                         # by pid
 
-As a pytest fixture: `moto_server` (session scope) in a conftest, or `moto_or_skip()` to get
-the skip reason when moto is not installed. Nothing here talks to anything but 127.0.0.1.
+As pytest fixtures: `moto_server` (module scope) and `fault_proxy`, from tests/s3_fixtures.py
+(a plugin listed in conftest's `pytest_plugins`); `moto_missing()` gives the skip reason when
+moto is not installed. Nothing here talks to anything but 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -28,10 +29,14 @@ AUTH = {"Authorization": "AWS4-HMAC-SHA256 Credential=testing/20250101/us-east-1
 
 def moto_missing() -> str | None:
     """Why moto's server cannot run here, or None."""
-    try:
-        import moto.server  # noqa: F401  (flask, werkzeug come with moto[server])
-    except ImportError as e:
-        return f"moto[server] is not installed ({e.name}): pip install 'moto[server]'"
+    import importlib.util
+    for mod in ("moto", "flask", "werkzeug"):   # flask, werkzeug come with moto[server]
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"moto[server] is not installed ({mod}): pip install 'moto[server]'"
     return None
 
 
@@ -114,27 +119,3 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-
-
-# -- pytest fixtures: `from s3_util import moto_server, fault_proxy` in a test module ------
-try:
-    import pytest
-except ImportError:  # the benchmark uses this module without pytest
-    pytest = None
-
-if pytest is not None:
-    @pytest.fixture(scope="module")
-    def moto_server():
-        reason = moto_missing()
-        if reason:
-            pytest.skip(reason)
-        server = MotoServer.start()
-        yield server
-        server.stop()
-
-    @pytest.fixture
-    def fault_proxy(moto_server):
-        from fault_proxy import ProxyProcess
-        proxy = ProxyProcess(moto_server.port)
-        yield proxy
-        proxy.stop()

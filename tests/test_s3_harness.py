@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from s3_util import AUTH, moto_server, fault_proxy  # noqa: F401  (fixtures)
+from s3_util import AUTH
 
 
 def req(proxy, method, path, body=None, timeout=10):

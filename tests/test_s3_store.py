@@ -1,38 +1,20 @@
 """S3Store against moto's real S3-protocol server, faults injected by the loopback proxy."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from s3_util import moto_server, fault_proxy  # noqa: F401  (fixtures)
 from rsnap.errors import EXIT_LOCKED, RsnapError, StoreError
+from rsnap.store import s3
 
 pytest.importorskip("opendal", reason="the opendal wheel is not installed: pip install opendal")
-S3_PY = Path(__file__).resolve().parent.parent / "rsnap" / "store" / "s3.py"
 SECRET = "wJalrXUtnFEMI-K7MDENG-sekrit-must-not-leak"
-
-
-def load_s3():
-    """rsnap.store.s3 once rsnap/store is a package; until then the file by path."""
-    try:
-        from rsnap.store import s3
-        return s3
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("rsnap_store_s3", S3_PY)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-s3 = load_s3()
 
 
 @pytest.fixture
@@ -56,9 +38,8 @@ def store(env):
 
 
 def test_import_is_cheap():
-    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(S3_PY.parent.parent.parent)!r});"
-                          f"import importlib.util as u; s = u.spec_from_file_location('m', {str(S3_PY)!r});"
-                          "s.loader.exec_module(u.module_from_spec(s)); print('opendal' in sys.modules)"],
+    """`import rsnap.store.s3` does not import the client library: opening a store does."""
+    out = subprocess.run([sys.executable, "-c", "import sys, rsnap.store.s3; print('opendal' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -195,10 +176,9 @@ def test_profile_credentials_and_endpoint(env, monkeypatch, tmp_path):
 
 
 HOLDER = textwrap.dedent("""
-    import importlib.util, sys, time
-    s = importlib.util.spec_from_file_location("m", sys.argv[1]); m = importlib.util.module_from_spec(s)
-    s.loader.exec_module(m)
-    with m.S3Store(sys.argv[2]).lock(exclusive=sys.argv[3] == "x") as lk:
+    import sys
+    from rsnap.store.s3 import S3Store
+    with S3Store(sys.argv[1]).lock(exclusive=sys.argv[2] == "x") as lk:
         print("locked", flush=True)
         sys.stdin.readline()
         lk.check()
@@ -207,10 +187,8 @@ HOLDER = textwrap.dedent("""
 
 
 def holder(env, exclusive: bool) -> subprocess.Popen:
-    repo = str(S3_PY.parent.parent.parent)
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(S3_PY), env["url"], "x" if exclusive else "s"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env={**env["env"], "PYTHONPATH": repo})
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, env["url"], "x" if exclusive else "s"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env["env"])
     assert p.stdout.readline().strip() == "locked"
     return p
 

@@ -25,7 +25,8 @@ store_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the snapsh
 app.add_typer(store_app, name="store")
 
 StoreOpt = typer.Option(None, "--store", envvar="RSNAP_STORE",
-                        help="Store path or file:// URL. Default: $XDG_CACHE_HOME/rsnap or ~/.cache/rsnap.")
+                        help="Store path, file:// or s3://bucket/prefix URL (AWS_* environment; RSNAP_LOCAL_STORE adds a "
+                             "local tier). Default: $XDG_CACHE_HOME/rsnap or ~/.cache/rsnap.")
 KeyOpt = typer.Option(None, "--key", envvar="RSNAP_KEY", help="Snapshot key. Default: derived (see `rsnap key`).")
 ScopeOpt = typer.Option(None, "--scope", envvar="RSNAP_SCOPE",
                         help="Namespace this run writes (and reads first), e.g. the branch; untrusted runs get their own. "
@@ -195,15 +196,36 @@ def store_ls(store: Optional[str] = StoreOpt, prefix: str = typer.Option("", "--
 
 @store_app.command("prune")
 def store_prune(store: Optional[str] = StoreOpt,
-                keep: int = typer.Option(1, "--keep", min=1, help="Snapshots to keep per key."),
+                keep: int = typer.Option(1, "--keep", min=1, help="Snapshots to keep per key (most recently used)."),
+                older_than: Optional[str] = typer.Option(
+                    None, "--older-than", help="Also delete snapshots not used for this long (e.g. 12h, 7d, 2w). "
+                                               "Use = when the snapshot was saved."),
+                max_size: Optional[str] = typer.Option(
+                    None, "--max-size", help="Also delete the least recently used snapshots until the rest "
+                                             "(their packs and manifests) fit in this size (e.g. 20G)."),
+                grace: Optional[str] = typer.Option(
+                    None, "--grace", envvar="RSNAP_PRUNE_GRACE",
+                    help="Never delete packs younger than this (saves in progress upload packs before their "
+                         "manifest). Default 1h."),
                 dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
                 as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt):
-    """Delete old snapshots (keeping --keep per key) and packs no snapshot references (in --scope's namespace)."""
+    """Delete old snapshots (--keep per key, --older-than, --max-size) and packs no snapshot references (in --scope's namespace)."""
+    from ..cargo.gc import parse_size
+    from ..errors import RsnapError, EXIT_USAGE
     from ..store import prune
+    try:
+        age = prune.parse_duration(older_than) if older_than else None
+        grace_s = prune.parse_duration(grace) if grace else None
+        cap = parse_size(max_size) if max_size else None
+    except ValueError as e:
+        raise RsnapError(str(e), EXIT_USAGE) from None
     st = open_store(store, create=False, scope=scope or "")
-    out = prune.prune(st, keep=keep, dry_run=dry_run)
-    commands.emit(as_json, out, f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
-                        f"({human_bytes(out['bytes_freed'])}){' (dry run)' if dry_run else ''}")
+    out = prune.prune(st, keep=keep, dry_run=dry_run, older_than=age, max_size=cap, grace_seconds=grace_s)
+    lines = [f"rsnap: {'would delete' if dry_run else 'deleted'} {r['snapshot']} ({r['reason']})" for r in out["removed"]]
+    lines.append(f"rsnap: pruned {out['snapshots_deleted']} snapshots, {out['packs_deleted']} packs "
+                 f"({human_bytes(out['bytes_freed'])} freed); kept {out['snapshots_kept']} snapshots "
+                 f"({human_bytes(out['bytes_kept'])}){' (dry run)' if dry_run else ''}")
+    commands.emit(as_json, out, "\n".join(lines))
 
 
 def _iso(ns: int) -> str:

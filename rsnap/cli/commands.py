@@ -42,6 +42,24 @@ def _discover(manifest_path: str | None, with_deps: bool = False):
 def restore(store: str | None = None, key: str | None = None, restore_key: list[str] | None = None,
             manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
             quiet: bool = False, scope: str | None = None, read_scope: list[str] | None = None) -> None:
+    st = _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet, scope, read_scope)
+    if getattr(st, "remote_store", False):
+        _sync_cache(st, "down", quiet)
+
+
+def _sync_cache(st, direction: str, quiet: bool) -> None:
+    """The compile cache's local tier <-> the remote store's cache/ (rsnap.store.tiered)."""
+    if os.environ.get("RSNAP_CACHE_SYNC", "1") in ("0", "false", "off", "no"):
+        return
+    from ..store import tiered
+    try:
+        (tiered.sync_cache_down if direction == "down" else tiered.sync_cache_up)(st)
+    except StoreError as e:
+        if not quiet:
+            sys.stderr.write(f"rsnap: warning: compile cache not synced with {st.url}: {e}\n")
+
+
+def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet, scope, read_scope):
     started = time.monotonic()
     timings.mark("startup")
     ws = _discover(manifest_path)
@@ -53,20 +71,39 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
     try:
         st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
-        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
+        _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
+        return None
     timings.mark("lookup")
+    remote = getattr(st, "remote_store", False)  # a remote store that fails is a miss (exit 0), not an error
     if name is None:
-        return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
-                     "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
-    m = read_manifest(st, name, ws)
+        _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
+              "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
+        return st
+    try:
+        m = read_manifest(st, name, ws)
+    except StoreError as e:
+        if not remote:
+            raise
+        _miss(as_json, quiet, base, started, f"{e}; cargo will build from scratch", ws)
+        return None
     timings.mark("manifest")
     if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
-        return _miss(as_json, quiet, base, started,
-                     f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
-                     "treated as a miss (see --allow-relocate)", ws)
+        _miss(as_json, quiet, base, started,
+              f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
+              "treated as a miss (see --allow-relocate)", ws)
+        return st
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = restore_interrupted(ws)
-        out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+        try:
+            out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+        except StoreError as e:
+            if not remote:
+                raise
+            from ..snapshot import fallback
+            fallback.as_miss(ws)
+            _miss(as_json, quiet, {**base, "snapshot": name}, started,
+                  f"{e}; the partly restored target is not trusted (no fingerprints): cargo will build from scratch", ws)
+            return None
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
               "repaired_interrupted_restore": was_interrupted, **out,
               "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
@@ -80,6 +117,7 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
+    return st
 
 
 def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] | None, key: str,
@@ -146,6 +184,8 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
         out = save_snapshot(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
     prefetch.remember(ws.target_dir, manifest_path)
+    if getattr(st, "remote_store", False):
+        _sync_cache(st, "up", quiet)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
     emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report, "timings": _timings(),

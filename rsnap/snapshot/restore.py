@@ -21,7 +21,7 @@ from .. import faults, timings
 from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
-from ..store import manifest as mf, repo
+from ..store import manifest as mf, repo, transfer
 from . import clock, scan, settled
 from .plan import RestorePlan, merge_subtrees, plan_root, settled_plan
 from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
@@ -316,9 +316,11 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     if not files:
         return held_back
     from concurrent.futures import ThreadPoolExecutor  # (+logging: ~10 ms) only when there is work
+    tasks = _tasks(m, files)
+    store = transfer.reader(store, _ranges(m, tasks))  # a remote store: ranges fetched ahead, in parallel
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     try:
-        for task in pool.map(run, _tasks(m, files)):
+        for task in pool.map(run, tasks):
             for f in task.files:
                 stats.files_written += 1
                 stats.bytes_written += f.entry.size
@@ -327,8 +329,20 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
         pool.shutdown(cancel_futures=True)  # waits for the tasks already running
         _discard(held_back)
         raise
+    finally:
+        transfer.close(store)
     pool.shutdown()
     return held_back
+
+
+def _ranges(m: mf.Manifest, tasks: list[_Task]):
+    """(pack object, start, end) of every read the tasks will make, in the order they make them."""
+    for task in tasks:
+        if task.pack_id is not None:
+            yield repo.pack_name(task.pack_id), task.start, task.end
+        else:
+            for pack_id, start, end, _run in repo._chunk_reads(m.blobs, m.chunks[task.files[0].entry.digest]):
+                yield repo.pack_name(pack_id), start, end
 
 
 def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span) -> Callable[[int], None]:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from .. import __version__, faults, timings
 from ..cargo import layout, mtimes, rustc_info
-from ..errors import RsnapError, EXIT_WORKSPACE
+from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import chunking, manifest as mf, repo
 from . import scan, settled
@@ -39,11 +39,11 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
     if not ws.target_dir.is_dir():
         raise RsnapError(f"target dir {ws.target_dir} does not exist: build before saving", EXIT_WORKSPACE)
     lock = store.lock(exclusive=False) if hasattr(store, "lock") else contextlib.nullcontext()
-    with lock:
-        return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded)
+    with lock as held:
+        return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held)
 
 
-def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded) -> dict:
+def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held=None) -> dict:
     known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
     timings.mark("dedupe_tables")
     writer = repo.PackWriter(store)
@@ -84,6 +84,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
             data = mf.dumps(m)
             _arm_keeping_stat_caches(ws, caches)
             writer.flush()  # every pack is in the store before the manifest that names them
+            _recheck(store, held, blobs, writer.pack_ids)
             faults.point("save.manifest")
             name = repo.write_manifest(store, m, data)
             timings.mark("manifest")
@@ -99,6 +100,24 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
     stats.packs_written = writer.packs_written
     return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,
             "sources": len(sources), "seconds": round(time.monotonic() - started, 3)}
+
+
+def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:
+    """Right before the manifest (the commit): the store lock is still ours (a remote store's
+    lock objects: refreshed in time, so no prune may have called it stale), and every pack
+    this snapshot reuses from earlier snapshots is still in the store (docs/design.md,
+    "Remote stores"). Otherwise no manifest is written: the save fails, nothing is visible."""
+    if hasattr(held, "check"):
+        try:
+            held.check()
+        except StoreError as e:
+            raise StoreError(f"{e} (suspended or cut off: a prune may have gone ahead); no snapshot written, "
+                             "run the save again") from None
+    reused = sorted({loc[0] for loc in blobs.values()} - written)
+    gone = store.missing([repo.pack_name(p) for p in reused])
+    if gone:
+        raise StoreError(f"{len(gone)} pack(s) this snapshot reuses vanished from store {store.url} while saving "
+                         f"(a concurrent prune?), e.g. {gone[0]}; no snapshot written, run the save again")
 
 
 def _check_complete(blobs: dict[str, list], chunks: dict[str, list[str]]) -> None:

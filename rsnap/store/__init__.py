@@ -2,7 +2,8 @@
 
 A backend module per URL scheme: `local` (a path or file://). A remote backend plugs in
 here by its scheme, imported only when its URL is used (e.g. `s3://` -> rsnap.store.s3),
-so restore and save against a local store never pay for its client library.
+so restore and save against a local store never pay for its client library. With
+RSNAP_LOCAL_STORE set, a remote store gets a local directory in front (rsnap.store.tiered).
 """
 from __future__ import annotations
 
@@ -37,5 +38,12 @@ def open_store(url: str | None = None, create: bool = True, scope: str | None = 
         return LocalStore(Path(os.path.expanduser(path)), create=create)
     if parsed.scheme == "s3":
         from .s3 import S3Store  # only s3:// users load the client library
-        return S3Store(url)
+        remote = S3Store(url)
+        local = os.environ.get("RSNAP_LOCAL_STORE")
+        if local:  # a persistent runner's local tier in front (rsnap.store.tiered)
+            from .tiered import TieredStore
+            if scope:  # each scope's local tier is its own too
+                local = scoped_url(local, scope)
+            return TieredStore(LocalStore(Path(os.path.expanduser(local))), remote)
+        return remote
     raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r} (use a path, file:// or s3://)")

@@ -64,3 +64,7 @@ class Store:
     def stat_all(self, prefix: str = "") -> list[tuple[str, int, float]]:
         """(name, size, mtime in seconds) of the objects under `prefix`."""
         raise NotImplementedError
+
+    def missing(self, names) -> list[str]:
+        """Those of `names` not in the store (a remote backend asks in parallel)."""
+        return [n for n in names if not self.exists(n)]

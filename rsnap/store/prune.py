@@ -1,47 +1,130 @@
-"""Store pruning: old snapshots per key, then packs no remaining snapshot references.
+"""Store pruning: snapshots by policy, then the packs no remaining snapshot references.
 
-A pack younger than GRACE_SECONDS is never deleted even if unreferenced: a concurrent
-save writes its packs before its manifest, and must not lose them in between.
+Policies (all optional, combined): keep the `keep` most recently used snapshots per key;
+drop snapshots not used for `older_than` seconds; drop the least recently used snapshots
+until what the rest reference (packs + manifests) fits in `max_size` bytes. With `older_than`,
+compile-cache entries (cache/) older than that go too. "Use" is the
+newer of a snapshot's creation and its manifest's mtime (upload time on S3, which cannot change
+LastModified without rewriting the object). Restore does not record uses (it leaves the store
+untouched), so today "use" is creation; touching a manifest (`store.touch`) marks a use.
+
+A pack is deleted only when no kept snapshot references it and it is older than the grace
+period (`grace_seconds`, default 1 h, RSNAP_PRUNE_GRACE), measured on the store's clock
+(`store.now()`: for S3 the server's, from its LastModified): a save in progress uploads its
+packs before its manifest, and a save whose lock went stale must not lose them. Prune holds
+the store lock exclusively (flock, or S3 lock objects) and, for a remote store, checks it is
+still held just before deleting (docs/design.md, "Remote stores").
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from ..errors import StoreError, FormatError
-from . import repo
+from . import manifest as mf, repo
 
 GRACE_SECONDS = 3600
 
 
-def prune(store, keep: int = 1, dry_run: bool = False, grace_seconds: int = GRACE_SECONDS) -> dict:
+def grace_default() -> float:
+    try:
+        return float(os.environ.get("RSNAP_PRUNE_GRACE", GRACE_SECONDS))
+    except ValueError:
+        return GRACE_SECONDS
+
+
+def prune(store, keep: int | None = 1, dry_run: bool = False, grace_seconds: float | None = None,
+          older_than: float | None = None, max_size: int | None = None) -> dict:
     """Holds the store lock exclusively: a save in progress (shared lock) may be about to
     reference packs of the snapshots deleted here."""
     lock = store.lock(exclusive=True) if hasattr(store, "lock") and not dry_run else contextlib.nullcontext()
-    with lock:
-        return _prune(store, keep, dry_run, grace_seconds)
+    with lock as held:
+        return _prune(store, keep, dry_run, grace_default() if grace_seconds is None else grace_seconds,
+                      older_than, max_size, held)
 
 
-def _prune(store, keep: int, dry_run: bool, grace_seconds: int) -> dict:
-    by_key: dict[str, list[str]] = {}
-    for name, key, _created in repo.list_snapshots(store):
-        by_key.setdefault(key, []).append(name)
-    doomed = [n for names in by_key.values() for n in names[keep:]]
-    kept = [n for names in by_key.values() for n in names[:keep]]
+def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> dict:
+    now = store.now() if hasattr(store, "now") else time.time()
+    stat = {n: (size, mtime) for n, size, mtime in store.stat_all("snapshots/")}
+    snaps = []  # (name, key, last use in s, manifest bytes)
+    for name, key, created in repo.list_snapshots(store):
+        size, mtime = stat.get(name, (0, 0.0))
+        snaps.append((name, key, max(created / 1e9, mtime), size))
+    snaps.sort(key=lambda s: s[2], reverse=True)
+    doomed: dict[str, str] = {}
+    per_key: dict[str, int] = {}
+    for name, key, used, _size in snaps:
+        per_key[key] = per_key.get(key, 0) + 1
+        if keep is not None and per_key[key] > keep:
+            doomed[name] = f"more than {keep} for its key"
+        elif older_than is not None and now - used > older_than:
+            doomed[name] = f"unused for {(now - used) / 86400:.1f} days"
+    kept = [s for s in snaps if s[0] not in doomed]
+    tables = _blob_tables(store, [s[0] for s in kept])
+    pack_sizes = {n.rsplit("/", 1)[-1]: (size, mtime) for n, size, mtime in store.stat_all("packs/")}
     referenced: set[str] = set()
-    for name in kept:
+    total = 0
+    for name, _key, _used, msize in kept:       # most recently used first
+        packs = {loc[0] for loc in tables[name].values()}
+        extra = msize + sum(pack_sizes.get(p, (0, 0))[0] for p in packs - referenced)
+        if max_size is not None and total + extra > max_size:
+            doomed[name] = "over --max-size"
+            continue
+        total += extra
+        referenced |= packs
+    dead_packs = [(repo.pack_name(p), size) for p, (size, mtime) in pack_sizes.items()
+                  if p not in referenced and now - mtime > grace_seconds]
+    # compile-cache entries (cache/): by age only (S3 records no use; a local tier evicts by LRU)
+    dead_cache = [] if older_than is None else \
+        [(n, size) for n, size, mtime in store.stat_all("cache/") if now - mtime > older_than]
+    removed = [{"snapshot": s[0], "key": s[1], "bytes": s[3], "reason": doomed[s[0]]} for s in snaps if s[0] in doomed]
+    if not dry_run:
+        if hasattr(held, "check"):
+            held.check()        # still ours: no save has called it stale and gone ahead
+        _delete(store, [r["snapshot"] for r in removed])     # manifests first, then packs
+        if hasattr(held, "check"):
+            held.check()
+        _delete(store, [n for n, _s in dead_packs] + [n for n, _s in dead_cache])
+    return {"store": store.url, "snapshots_deleted": len(removed), "snapshots_kept": len(snaps) - len(removed),
+            "packs_deleted": len(dead_packs), "packs_kept": len(pack_sizes) - len(dead_packs),
+            "cache_entries_deleted": len(dead_cache),
+            "bytes_freed": sum(s for _n, s in dead_packs + dead_cache) + sum(r["bytes"] for r in removed),
+            "bytes_kept": total, "removed": removed, "grace_seconds": grace_seconds, "dry_run": dry_run}
+
+
+def _blob_tables(store, names: list[str]) -> dict[str, dict]:
+    """name -> blobs table of each manifest (fetched in parallel from a remote store)."""
+    if hasattr(store, "get_many") and names:
+        raw = store.get_many(names)
+    else:
+        raw = {n: store.get(n) for n in names}
+    out = {}
+    for name in names:
         try:
-            m = repo.read_manifest(store, name)
+            out[name] = mf.loads_blob_tables(raw[name])[0]
         except (StoreError, FormatError) as e:
             raise StoreError(f"cannot prune: snapshot {name} is unreadable ({e}); fix or delete it first") from None
-        referenced.update(loc[0] for loc in m.blobs.values())
-    now = time.time()
-    dead_packs = [(n, size) for n, size, mtime in store.stat_all("packs/")
-                  if n.rsplit("/", 1)[-1] not in referenced and now - mtime > grace_seconds]
-    if not dry_run:
-        for name in doomed:
+    return out
+
+
+def _delete(store, names: list[str]) -> None:
+    if getattr(store, "remote_store", False) and len(names) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(getattr(store, "jobs", 8), len(names))) as pool:
+            list(pool.map(store.delete, names))
+    else:
+        for name in names:
             store.delete(name)
-        for name, _size in dead_packs:
-            store.delete(name)
-    return {"snapshots_deleted": len(doomed), "snapshots_kept": len(kept), "packs_deleted": len(dead_packs),
-            "bytes_freed": sum(s for _n, s in dead_packs), "dry_run": dry_run}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d', '2w' (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r} (e.g. 90s, 30m, 12h, 7d, 2w)") from None

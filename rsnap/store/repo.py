@@ -38,10 +38,14 @@ class PackWriter:
     background thread while the save goes on compressing (each pack costs an fsync); `flush`
     writes the last one and returns once every pack is in the store."""
 
-    MAX_IN_FLIGHT = 2  # full packs waiting to be written, at most (memory)
+    MAX_IN_FLIGHT = 2  # full packs waiting to be written, at most (memory); a remote store: its jobs
 
     def __init__(self, store):
         self.store = store
+        # a remote store takes several uploads at once (each a round trip or more); a local one
+        # gains nothing from more than one writer (each pack is an fsync)
+        self.jobs = min(8, getattr(store, "jobs", 1)) if getattr(store, "remote_store", False) else 1
+        self.max_in_flight = max(self.MAX_IN_FLIGHT, self.jobs)
         self.buf: list[bytes] = []
         self.pending: list[tuple[str, int, int, int]] = []  # digest, offset, clen, size
         self.offset = 0
@@ -49,6 +53,7 @@ class PackWriter:
         self.pending_digests: set[str] = set()
         self.bytes_written = 0
         self.packs_written = 0
+        self.pack_ids: set[str] = set()
         self._writer = None  # a ThreadPoolExecutor, made when the first pack is written
         self._writes: list = []
 
@@ -78,14 +83,15 @@ class PackWriter:
         pack_id = digest_bytes(data)
         if self._writer is None:
             from concurrent.futures import ThreadPoolExecutor  # not imported by a restore with nothing to write
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsnap-pack")
-        while len([w for w in self._writes if not w.done()]) >= self.MAX_IN_FLIGHT:
+            self._writer = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="rsnap-pack")
+        while len([w for w in self._writes if not w.done()]) >= self.max_in_flight:
             next(w for w in self._writes if not w.done()).result()
         self._writes.append(self._writer.submit(self.store.put, pack_name(pack_id), data))
         for digest, off, clen, size in self.pending:
             self.locations[digest] = [pack_id, off, clen, size]
         self.bytes_written += len(data)
         self.packs_written += 1
+        self.pack_ids.add(pack_id)
         self.buf, self.pending, self.offset = [], [], 0
         self.pending_digests = set()
 
@@ -257,13 +263,11 @@ def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list]
     lists of files whose chunks are all among them."""
     known: dict[str, list] = {}
     known_chunks: dict[str, list[str]] = {}
-    live_packs: dict[str, bool] = {}
+    packs = sorted({loc[0] for blobs, _chunks in tables for loc in blobs.values()})
+    gone = {n.rsplit("/", 1)[-1] for n in store.missing([pack_name(p) for p in packs])}  # remote: in parallel
     for blobs, _chunks in tables:
         for digest, loc in blobs.items():
-            pack = loc[0]
-            if pack not in live_packs:
-                live_packs[pack] = store.exists(pack_name(pack))
-            if live_packs[pack]:
+            if loc[0] not in gone:
                 known[digest] = loc
     for _blobs, chunks in tables:
         for digest, parts in chunks.items():
@@ -275,9 +279,17 @@ def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list]
 def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dict, dict]]:
     """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
     out = []
-    for name, _key, _created in list_snapshots(store, key_prefix)[:limit]:
+    names = [name for name, _key, _created in list_snapshots(store, key_prefix)[:limit]]
+    if hasattr(store, "get_many") and len(names) > 1:   # a remote store: in parallel
         try:
-            out.append(mf.loads_blob_tables(store.get(name)))
+            raw = store.get_many(names)
+        except StoreError:
+            raw = {}
+    else:
+        raw = {}
+    for name in names:
+        try:
+            out.append(mf.loads_blob_tables(raw[name] if name in raw else store.get(name)))
         except (StoreError, FormatError):
             continue
     return out

@@ -8,7 +8,7 @@ web-identity and instance roles. OpenDAL reads credentials itself; region and en
 of a profile it does not read, so they are resolved here. URL query parameters override:
 `s3://bucket/prefix?region=eu-west-1&endpoint=http://127.0.0.1:9000&profile=ci`.
 
-No flock: `lock()` writes restic-style lock objects under locks/ (docs/s3-protocol.md).
+No flock: `lock()` writes restic-style lock objects under locks/ (docs/design.md, "Remote stores").
 Importing this module costs nothing; opening a store imports opendal (~7 ms).
 """
 from __future__ import annotations
@@ -93,6 +93,8 @@ def redact(url: str) -> str:
 
 class S3Store:
     """Objects are S3 objects under s3://bucket/prefix/."""
+
+    remote_store = True   # restore degrades a failed read to a miss; the compile cache uses a local tier
 
     def __init__(self, url: str, jobs: int | None = None):
         self.bucket, self.prefix, opts = resolve(url)
@@ -247,7 +249,7 @@ class S3Store:
 
     @contextmanager
     def lock(self, exclusive: bool):
-        """Lock objects, not flock: shared for save, exclusive for prune (docs/s3-protocol.md).
+        """Lock objects, not flock: shared for save, exclusive for prune (docs/design.md, "Remote stores").
         Yields the S3Lock; `check()` raises if it was lost (not refreshed in time)."""
         lk = S3Lock(self, exclusive)
         lk.acquire()
@@ -271,23 +273,35 @@ class S3Lock:
         self._host = host
         self._stop = threading.Event()
         self._refreshed = 0.0   # time.monotonic() of the last successful write
+        self._lost = False      # a refresh came too late: others may have called the lock stale
         self._thread = None
 
-    def _write(self) -> float:
-        """Write (or refresh) the lock object; returns its LastModified, the server's now."""
+    def _write(self, measure: bool = True) -> float:
+        """Write (or refresh) the lock object; returns its LastModified, the server's now
+        (`measure`=False: acquire reads it from its LIST of locks/ instead, one round trip less)."""
         import json
         body = json.dumps({"time": time.time(), "host": self._host, "pid": os.getpid(),
                            "exclusive": self.exclusive}).encode()
         self.store.put(self.name, body)
         self._refreshed = time.monotonic()
+        if not measure:
+            return 0.0
         mtime = next((m for n, _s, m in self.store.stat_all(self.name) if n == self.name), None)
         if mtime:
             self.store._clock_offset = mtime - time.time()
         return mtime or time.time()
 
-    def _blockers(self, now: float) -> list[tuple[str, float]]:
+    def _blockers(self, now: float = 0.0) -> list[tuple[str, float]]:
+        """Fresh conflicting locks of others. Without `now`, the server's now is our own lock's
+        LastModified in the same LIST."""
         out = []
-        for name, _size, mtime in self.store.stat_all("locks/"):
+        locks = self.store.stat_all("locks/")
+        if not now:
+            own = next((m for n, _s, m in locks if n == self.name), None)
+            if own:
+                self.store._clock_offset = own - time.time()
+            now = own or time.time() + self.store._clock_offset
+        for name, _size, mtime in locks:
             if name == self.name:
                 continue
             if now - mtime > self.stale:
@@ -300,8 +314,8 @@ class S3Lock:
         deadline = time.monotonic() + self.wait
         told = False
         while True:
-            now = self._write()
-            blockers = self._blockers(now)
+            self._write(measure=False)
+            blockers = self._blockers()
             if not blockers:
                 break
             self.store.delete(self.name)
@@ -317,6 +331,9 @@ class S3Lock:
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.stale / 4):
+            if time.monotonic() - self._refreshed > self.stale * 0.75:
+                self._lost = True   # (a suspended process): refreshing now would hide that
+                return
             try:
                 self._write()
             except RsnapError:
@@ -325,7 +342,7 @@ class S3Lock:
     def check(self) -> None:
         """Raise unless the lock was refreshed recently enough that no one calls it stale.
         Call before a destructive step (prune's deletes) or a commit (save's manifest)."""
-        if time.monotonic() - self._refreshed > self.stale * 0.75:
+        if self._lost or time.monotonic() - self._refreshed > self.stale * 0.75:
             raise StoreError(f"lost the lock on store {self.store.url}: it could not be refreshed for "
                              f"{time.monotonic() - self._refreshed:.0f} s")
 
