@@ -50,3 +50,11 @@ def stat_tree(root: Path) -> dict[str, tuple]:
             st = p.lstat()
             out[str(p.relative_to(root))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return out
+
+
+def cold_runner(ws) -> None:
+    """A new CI runner: fresh clone at the same path, no target/, empty CARGO_HOME caches."""
+    import shutil
+    ws.clone_fresh(allow_dirty=True)
+    for sub in ("registry", "git"):
+        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)

@@ -40,6 +40,18 @@ def moto_missing() -> str | None:
     return None
 
 
+def signed_request(port: int, method: str, path: str, body: bytes | None = None,
+                   timeout: float = 10) -> tuple[int, bytes]:
+    """(status, body) of one request to 127.0.0.1:port with the dummy signature."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=AUTH)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,13 +94,7 @@ class MotoServer:
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """One request with a dummy signature (moto checks none): bucket admin and resets."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=AUTH)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return signed_request(self.port, method, path, body)
 
     def create_bucket(self, name: str) -> None:
         status, body = self.request("PUT", f"/{name}")

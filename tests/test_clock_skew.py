@@ -6,13 +6,12 @@ written (the target dir and the checkout's sources) 600 s into the future before
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from cargo_util import create_workspace
-from rsnap_util import rsnap
+from rsnap_util import cold_runner, rsnap
 
 AHEAD_NS = 600 * 1_000_000_000
 CORE = "crates/core/src/lib.rs"
@@ -43,9 +42,7 @@ def skewed(registry, gitdep_url, tmp_path_factory):
 
 
 def fresh_runner_restore(ws, store) -> dict:
-    ws.clone_fresh(allow_dirty=True)
-    for sub in ("registry", "git"):
-        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
+    cold_runner(ws)
     return rsnap(ws, store, "restore", "--json").check().data
 
 

@@ -6,17 +6,11 @@ import time
 
 import pytest
 
-from s3_util import AUTH
+from s3_util import signed_request
 
 
 def req(proxy, method, path, body=None, timeout=10):
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=AUTH)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return signed_request(proxy.port, method, path, body, timeout)
 
 
 @pytest.fixture

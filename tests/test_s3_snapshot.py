@@ -16,17 +16,12 @@ import time
 import pytest
 
 from cargo_util import create_workspace
-from rsnap_util import rsnap, one_line_error
+from rsnap_util import rsnap, one_line_error, cold_runner
 
 pytest.importorskip("opendal", reason="the opendal wheel is not installed")
 KEY = "s3test-shared-key"
 PRISTINE = "s3test-pristine"   # the module's unedited build: restores of it compile nothing
 
-
-def cold_runner(ws) -> None:
-    ws.clone_fresh(allow_dirty=True)
-    for sub in ("registry", "git"):
-        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
 
 
 class S3:

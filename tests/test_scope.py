@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
 
 from cargo_util import create_workspace
-from rsnap_util import rsnap
+from rsnap_util import rsnap, cold_runner
 from rsnap.store.base import check_name
 from rsnap.store.scope import encode_scope, read_scopes, scoped_url
 
@@ -40,11 +39,6 @@ def tree_digest(top: Path) -> str:
     return h.hexdigest()
 
 
-def fresh_runner(ws) -> None:
-    ws.clone_fresh(allow_dirty=True)
-    for sub in ("registry", "git"):
-        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def main_saved(registry, gitdep_url, tmp_path_factory):
@@ -58,7 +52,7 @@ def main_saved(registry, gitdep_url, tmp_path_factory):
 def test_branch_run_falls_back_to_main_and_writes_only_its_own_scope(main_saved):
     ws, store = main_saved
     before = tree_digest(store / "scopes" / "main")
-    fresh_runner(ws)
+    cold_runner(ws)
     data = rsnap(ws, store, "restore", "--scope", "feature/x", "--read-scope", "main", "--json").check().data
     assert (data["result"], data["scope"]) == ("exact", "main")
     assert ws.build("build", "--offline").all_fresh()
@@ -69,7 +63,7 @@ def test_branch_run_falls_back_to_main_and_writes_only_its_own_scope(main_saved)
     assert tree_digest(store / "scopes" / "main") == before
     assert not list((store).glob("snapshots/*")), "nothing may be written at the top level"
     # the branch's own snapshot is preferred over main's from now on
-    fresh_runner(ws)
+    cold_runner(ws)
     ws.replace(CORE, "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 3;")
     again = rsnap(ws, store, "restore", "--scope", "feature/x", "--read-scope", "main", "--json").check().data
     assert again["scope"] == "feature/x"
@@ -77,12 +71,12 @@ def test_branch_run_falls_back_to_main_and_writes_only_its_own_scope(main_saved)
 
 def test_poisoned_fork_scope_is_never_read_by_a_trusted_run(main_saved, tmp_path):
     ws, store = main_saved
-    fresh_runner(ws)
+    cold_runner(ws)
     rsnap(ws, store, "restore", "--scope", "fork-1", "--read-scope", "main", "--json").check()
     # the fork plants a wrong binary (its sources unchanged) and saves it under the same key
     ws.app_path.write_bytes(b"#!/bin/sh\necho poisoned\n")
     rsnap(ws, store, "save", "--scope", "fork-1", "--no-gc", "--json").check()
-    fresh_runner(ws)
+    cold_runner(ws)
     data = rsnap(ws, store, "restore", "--scope", "main", "--json").check().data
     assert data["scope"] == "main"
     ws.build("build", "--offline")
@@ -91,7 +85,7 @@ def test_poisoned_fork_scope_is_never_read_by_a_trusted_run(main_saved, tmp_path
 
 def test_missing_fallback_scope_is_skipped(main_saved):
     ws, store = main_saved
-    fresh_runner(ws)
+    cold_runner(ws)
     data = rsnap(ws, store, "restore", "--scope", "new-branch", "--read-scope", "nope",
                  "--read-scope", "main", "--json").check().data
     assert data["scope"] == "main"

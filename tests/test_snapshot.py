@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cargo_util import create_workspace
-from rsnap_util import rsnap, one_line_error, stat_tree
+from rsnap_util import rsnap, one_line_error, stat_tree, cold_runner
 
 # Packages that depend, directly or not, on each workspace crate (fixture layout).
 DEPENDENTS = {
@@ -22,12 +22,6 @@ DEPENDENTS = {
     "app": {"app"},
 }
 
-
-def cold_runner(ws) -> None:
-    """A new CI runner: fresh clone at the same path, no target/, empty CARGO_HOME caches."""
-    ws.clone_fresh(allow_dirty=True)
-    for sub in ("registry", "git"):
-        shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
