@@ -44,8 +44,9 @@ def env() -> dict:
     return dict(os.environ, DOCKER_BUILDKIT="1")
 
 
-def docker(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([DOCKER, *map(str, args)], env=env(), capture_output=True, text=True, **kw)
+def docker(*args, check=True, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([DOCKER, *map(str, args)], env=dict(env(), **(extra_env or {})),
+                          capture_output=True, text=True, **kw)
     if check and proc.returncode:
         raise AssertionError(f"docker {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -130,18 +131,22 @@ class Build:
 
 
 def build(context: Path, dockerfile: Path, out: Path | None = None, target: str | None = None,
-          **build_args: str) -> Build:
+          secrets: dict[str, str] | None = None, **build_args: str) -> Build:
+    """`secrets`: id -> value, passed as `--secret id=<id>,env=<id>` (the value only in the CLI's
+    environment, never on its command line or in a build arg)."""
     import time
     cmd = ["build", "--network=host", "--progress=plain", "-f", dockerfile]
     for k, v in build_args.items():
         cmd += ["--build-arg", f"{k}={v}"]
+    for k in secrets or {}:
+        cmd += ["--secret", f"id={k},env={k}"]
     if target:
         cmd += ["--target", target]
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
         cmd += ["-o", f"type=local,dest={out}"]
     started = time.monotonic()
-    proc = docker(*cmd, context, check=False)
+    proc = docker(*cmd, context, check=False, extra_env=secrets)
     return Build(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
 
 
