@@ -59,8 +59,19 @@ class Session:
     started_pid: int | None
 
 
+_session: Session | None = None
+
+
 def setup() -> Session:
-    """Run the setup script and build the test image; raises Unavailable with the reason."""
+    """Run the setup script and build the test image, once per process (test_buildkit.py and
+    test_earthly.py share it); raises Unavailable with the reason."""
+    global _session
+    if _session is None:
+        _session = _setup()
+    return _session
+
+
+def _setup() -> Session:
     if os.geteuid() != 0 and not os.access("/var/run/docker.sock", os.W_OK):
         raise Unavailable("not root and no writable /var/run/docker.sock")
     if shutil.which("rustc") is None:
@@ -100,6 +111,8 @@ def make_test_image(rust_image: str) -> str:
 
 def stop(session: Session) -> None:
     """Stop dockerd if (and only if) this session started it, by its pid."""
+    global _session
+    _session = None
     if session.started_pid:
         subprocess.run(["kill", str(session.started_pid)], check=False)
 
