@@ -44,8 +44,9 @@ def env() -> dict:
     return dict(os.environ, DOCKER_BUILDKIT="1")
 
 
-def docker(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([DOCKER, *map(str, args)], env=env(), capture_output=True, text=True, **kw)
+def docker(*args, check=True, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([DOCKER, *map(str, args)], env=dict(env(), **(extra_env or {})),
+                          capture_output=True, text=True, **kw)
     if check and proc.returncode:
         raise AssertionError(f"docker {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -58,8 +59,19 @@ class Session:
     started_pid: int | None
 
 
+_session: Session | None = None
+
+
 def setup() -> Session:
-    """Run the setup script and build the test image; raises Unavailable with the reason."""
+    """Run the setup script and build the test image, once per process (test_buildkit.py and
+    test_earthly.py share it); raises Unavailable with the reason."""
+    global _session
+    if _session is None:
+        _session = _setup()
+    return _session
+
+
+def _setup() -> Session:
     if os.geteuid() != 0 and not os.access("/var/run/docker.sock", os.W_OK):
         raise Unavailable("not root and no writable /var/run/docker.sock")
     if shutil.which("rustc") is None:
@@ -99,6 +111,8 @@ def make_test_image(rust_image: str) -> str:
 
 def stop(session: Session) -> None:
     """Stop dockerd if (and only if) this session started it, by its pid."""
+    global _session
+    _session = None
     if session.started_pid:
         subprocess.run(["kill", str(session.started_pid)], check=False)
 
@@ -130,18 +144,22 @@ class Build:
 
 
 def build(context: Path, dockerfile: Path, out: Path | None = None, target: str | None = None,
-          **build_args: str) -> Build:
+          secrets: dict[str, str] | None = None, **build_args: str) -> Build:
+    """`secrets`: id -> value, passed as `--secret id=<id>,env=<id>` (the value only in the CLI's
+    environment, never on its command line or in a build arg)."""
     import time
     cmd = ["build", "--network=host", "--progress=plain", "-f", dockerfile]
     for k, v in build_args.items():
         cmd += ["--build-arg", f"{k}={v}"]
+    for k in secrets or {}:
+        cmd += ["--secret", f"id={k},env={k}"]
     if target:
         cmd += ["--target", target]
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
         cmd += ["-o", f"type=local,dest={out}"]
     started = time.monotonic()
-    proc = docker(*cmd, context, check=False)
+    proc = docker(*cmd, context, check=False, extra_env=secrets)
     return Build(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
 
 

@@ -19,7 +19,13 @@ through the same BuildKit. Supported, everything else raises TranslateError:
   is what this BuildKit's COPY does anyway (checked: it keeps the context's mtimes), while
   Earthly without ``--keep-ts`` resets them (not modelled: rsnap re-times sources by content).
 * ``RUN [--mount=type=cache,...] cmd``: relative mount targets resolved against WORKDIR, ARGs
-  in mount options expanded by the translator (this BuildKit's frontend does not).
+  and ENV values in mount options expanded by the translator (this BuildKit's frontend does
+  not), so ``RUN --mount=$RSNAP_TARGET_CACHE`` works as in lib/rust.
+* ``RUN --secret ENV=id`` / ``--secret id``: a required secret mount of ``id`` whose value the
+  command gets as ``$ENV`` (exported in front of it); an empty ``id`` drops the secret, as in
+  Earthly. Build with ``docker build --secret id=<id>,...`` where Earthly takes
+  ``earthly --secret <id>``.
+* Target ARG values (translation-time: ``args`` or the default) expand in ``DO`` arguments.
 * ``SAVE ARTIFACT src [dest] [AS LOCAL path]``: artifacts go to a ``<target>--artifacts``
   stage (what ``COPY +target/...`` reads), ``AS LOCAL`` ones to ``<target>--local``, to be
   built with ``-o type=local,dest=<Earthfile dir>``.
@@ -87,10 +93,14 @@ def _subst(text: str, values: dict[str, str]) -> str:
 
 
 def _split_flags(rest: str) -> tuple[list[str], str]:
+    """Leading --flags; `--secret` takes the next word as its value (two list items)."""
     flags = []
     while rest.startswith("--"):
         flag, _, rest = rest.partition(" ")
         flags.append(flag)
+        if flag == "--secret":
+            value, _, rest = rest.lstrip().partition(" ")
+            flags.append(value)
         rest = rest.lstrip()
     return flags, rest
 
@@ -121,7 +131,7 @@ class Translator:
             lines = [l for l in self.base if not l.startswith("VERSION ")]
         self.done.add(name)
         body: list[str] = []
-        st = {"workdir": "/", "from": False, "name": name}
+        st = {"workdir": "/", "from": False, "name": name, "env": {}, "args": {}}
         if not lines or not lines[0].startswith("FROM "):
             if name == "base":
                 raise TranslateError("the base recipe needs a FROM")
@@ -162,9 +172,11 @@ class Translator:
             if "--required" in flags and name not in self.args:
                 raise TranslateError(f"target argument {name} is required")
             value = self.args.get(name, default)
+            st["args"][name] = value
             body.append(f"ARG {name}={shlex.quote(value)}" if (eq or name in self.args) else f"ARG {name}")
         elif word == "ENV":
             k, v = (rest.split("=", 1) if "=" in rest.split(" ")[0] else rest.split(None, 1))
+            st["env"][k] = " ".join(shlex.split(v))
             body.append(f"ENV {k}={shlex.quote(v.strip())}" if not re.fullmatch(r"[\w/.:=$-]+", v) else f"ENV {k}={v}")
         elif word == "WORKDIR":
             st["workdir"] = posixpath.join(st["workdir"], rest)
@@ -184,17 +196,30 @@ class Translator:
                     body.append(f"COPY {src} {dest}")
         elif word == "RUN":
             flags, cmd = _split_flags(rest)
-            mounts = []
+            mounts, exports = [], []
+            flags = iter(flags)
             for flag in flags:
+                if flag == "--secret":    # --secret ENV=id | id (flag and value are two words)
+                    env, _, sid = _subst(next(flags, ""), fn_values or {}).partition("=")
+                    sid = sid if _ else env
+                    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env) or not re.fullmatch(r"[\w.-]*", sid):
+                        raise TranslateError(f"RUN --secret {env}={sid}: not an env var name and secret id")
+                    if sid:               # Earthly: an empty id disables the secret
+                        mounts.append(f"--mount=type=secret,id={sid},required=true")
+                        exports.append(f'{env}="$(cat /run/secrets/{sid})"; export {env};')
+                    continue
                 if not flag.startswith("--mount="):
                     raise TranslateError(f"RUN flag {flag} not supported")
-                opts = dict(o.split("=", 1) for o in _subst(flag[8:], fn_values or {}).split(","))
+                # ENV values expand in flags (lib/rust's `RUN --mount=$EARTHLY_RUST_TARGET_CACHE`)
+                opts = dict(o.split("=", 1) for o in _subst(flag[8:], {**st["env"], **(fn_values or {})}).split(","))
                 if opts.get("type") != "cache":
                     raise TranslateError(f"RUN mount {flag} not supported (cache mounts only)")
                 opts["target"] = posixpath.join(st["workdir"], opts["target"])
                 mounts.append("--mount=" + ",".join(f"{k}={v}" for k, v in opts.items()))
             if fn_values:
                 cmd = " ".join(f"{k}={shlex.quote(v)};" for k, v in fn_values.items()) + " " + cmd
+            if exports:
+                cmd = " ".join(exports) + " " + cmd
             body.append(" ".join(["RUN", *mounts, cmd]))
         elif word == "DO":
             call = shlex.split(rest)
@@ -208,7 +233,7 @@ class Translator:
                 m = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", a, re.S)
                 if not m:
                     raise TranslateError(f"DO argument {a!r}: use --name=value")
-                values[m[1]] = _subst(m[2], fn_values or {})
+                values[m[1]] = _subst(m[2], fn_values if fn_values is not None else st["args"])
             for fline in block.lines[1:]:
                 self.command(fline, st, body, fn_values=values)
         elif word == "SAVE":

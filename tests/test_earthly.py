@@ -4,6 +4,7 @@ real BuildKit; Earthly itself is not installed in CI. The translation-only tests
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -25,6 +26,18 @@ seeded:
     DO +CARGO --args="build --release" --output="release/app$" --seed=/rsnap-seed --export_to=/rsnap-export
     SAVE ARTIFACT target/release/app AS LOCAL out/seeded/app
     SAVE ARTIFACT /rsnap-export AS LOCAL out/seeded/store
+
+# RESTORE, a plain cargo RUN on the function's cache mounts (lib/rust's shape), SAVE; any store.
+halves:
+    FROM rust:1.95-bookworm
+    ARG --required store
+    DO +INIT --store=$store
+    WORKDIR /example
+    COPY --keep-ts examples/hello ./
+    DO +RESTORE --aws_access_key_id=AWS_ACCESS_KEY_ID --aws_secret_access_key=AWS_SECRET_ACCESS_KEY
+    RUN --mount=$RSNAP_CARGO_HOME_CACHE --mount=$RSNAP_TARGET_CACHE cargo build --release
+    DO +SAVE --output="release/app$" --aws_access_key_id=AWS_ACCESS_KEY_ID --aws_secret_access_key=AWS_SECRET_ACCESS_KEY
+    SAVE ARTIFACT target/release/app AS LOCAL out/halves/app
 """
 
 
@@ -41,11 +54,24 @@ def test_function_inlined_with_arguments_in_callers_context():
     assert "ENV RSNAP_STORE=/rsnap/store" in df
 
 
+def test_secrets_become_mounts_exported_to_the_command_and_empty_ids_drop_them():
+    df = translate(EARTHFILE.read_text() + USER_TARGETS, "halves", args={"store": "s3://b/p"})
+    restore = next(l for l in df.splitlines() if l.endswith("rsnap restore"))
+    assert "--mount=type=secret,id=AWS_ACCESS_KEY_ID,required=true" in restore
+    assert 'AWS_SECRET_ACCESS_KEY="$(cat /run/secrets/AWS_SECRET_ACCESS_KEY)"; export AWS_SECRET_ACCESS_KEY;' in restore
+    assert "id=AWS_SESSION_TOKEN" not in df            # --aws_session_token left empty: no secret
+    assert "ENV RSNAP_STORE=s3://b/p" in df
+    cargo = next(l for l in df.splitlines() if l.endswith("cargo build --release"))
+    assert cargo == ("RUN --mount=type=cache,id=rsnap-cargo-home,sharing=locked,target=/rsnap/cargo-home "
+                     "--mount=type=cache,id=rsnap-target,sharing=locked,target=/example/target cargo build --release")
+
+
 @pytest.mark.parametrize("line, message", [
     ("    SAVE IMAGE foo", "SAVE"),
     ("    IF true", "IF: not in the supported"),
     ("    RUN --mount=type=bind,target=/x true", "cache mounts only"),
     ("    RUN --push true", "RUN flag"),
+    ("    RUN --secret A=b/c true", "not an env var name and secret id"),
     ("    DO rsnap+CARGO --args=build", "only local functions"),
     ("    DO +CARGO", "args is required"),
     ("    COPY --chmod=755 a b", "COPY flags"),
@@ -81,12 +107,13 @@ def _context(tmp_path):
     return ctx
 
 
-def _earthly_build(session, ctx, target):
+def _earthly_build(session, ctx, target, args=None, secrets=None):
+    """`earthly +target --k=v --secret id` (secrets: id -> value, from the CLI's environment)."""
     images = {"rust:1.95-bookworm": session.test_image, "python:3.11-slim-bookworm": session.test_image}
     dockerfile = ctx.parent / f"{target}.Dockerfile"
-    dockerfile.write_text(translate((ctx / "Earthfile").read_text(), target, images))
+    dockerfile.write_text(translate((ctx / "Earthfile").read_text(), target, images, args))
     out = ctx.parent / "out"
-    b = bk.build(ctx, dockerfile, out, target=f"{target}--local").check()
+    b = bk.build(ctx, dockerfile, out, target=f"{target}--local", secrets=secrets).check()
     return b, out
 
 
@@ -125,3 +152,31 @@ def test_store_seeded_after_prune_builds_nothing(buildkit, tmp_path):
     assert any("seeding it from /rsnap-seed" in l for l in second.rsnap_lines), second.log[-3000:]
     assert second.compiled == [], second.log[-3000:]
     assert _run(out / "out" / "seeded" / "app") == "hello, rsnap"
+
+
+# Distinctive credentials (moto accepts any): they must never show in a build log.
+S3_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDRSNAPEARTHLY0001", "AWS_SECRET_ACCESS_KEY": "earthly-secret-never-logged-9c1d"}
+
+
+def test_halves_with_s3_store_after_prune_build_nothing(buildkit, moto_server, tmp_path):
+    """DO +RESTORE, a plain `RUN --mount=$RSNAP_CARGO_HOME_CACHE --mount=$RSNAP_TARGET_CACHE
+    cargo build`, DO +SAVE --output, with INIT --store=s3://... (endpoint and region in the URL)
+    and credentials as secrets: `docker builder prune -af` wipes every cache mount and layer,
+    the next build restores from the bucket and compiles 0 units."""
+    moto_server.create_bucket("rsnap-earthly")
+    store = f"s3://rsnap-earthly/halves?endpoint={moto_server.endpoint}&region=us-east-1"
+    ctx = _context(tmp_path)
+    bk.prune()
+    first, out = _earthly_build(buildkit, ctx, "halves", {"store": store}, S3_SECRETS)
+    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
+    assert _run(out / "out" / "halves" / "app") == "hello, rsnap"
+
+    bk.prune()
+    bk.fresh_copy(bk.REPO_ROOT / "examples" / "hello", ctx / "examples" / "hello")  # new mtimes
+    second, out = _earthly_build(buildkit, ctx, "halves", {"store": store}, S3_SECRETS)
+    assert any(re.search(r" hit \S+: wrote [1-9]", l) for l in second.rsnap_lines), second.log[-3000:]
+    assert second.compiled == [], second.log[-3000:]
+    assert _run(out / "out" / "halves" / "app") == "hello, rsnap"
+    for b in (first, second):
+        for value in S3_SECRETS.values():
+            assert value not in b.log
