@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from ..cargo import keys, prefetch
+from ..cargo import key_record, keys, prefetch
 from ..cargo.layout import discover, RSNAP_DIR
 from ..errors import RsnapError, StoreError, EXIT_USAGE
 from ..progress import human_bytes
@@ -43,6 +43,7 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
     started = time.monotonic()
     ws = _discover(manifest_path)
     k, inputs = key_and_inputs(ws, key)
+    key_record.remember(ws, k, inputs, "explicit" if key else "default")  # the next `rsnap save` uses it
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
     try:
@@ -86,7 +87,8 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
     from ..snapshot.save import save as save_snapshot
     ws = _discover(manifest_path, with_deps=True)
     cap = max_size_bytes(ws, max_size)
-    k, inputs = key_and_inputs(ws, key)
+    inputs = keys.key_inputs(ws)
+    k, key_source = key_record.choose(ws, key and keys.validate_key(key), keys.default_key(inputs), inputs)
     st = open_store(store)
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         if restore_interrupted(ws):
@@ -98,10 +100,11 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
             if keep_cargo_home and not no_gc else frozenset()
         out = save_snapshot(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
+        key_record.consume(ws)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
-    emit(as_json, {**out, "store": st.url, "gc": gc_report},
-         f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
+    emit(as_json, {**out, "store": st.url, "gc": gc_report, "key_source": key_source},
+         f"rsnap: saved {k} (key from {key_source}): {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
 
 
