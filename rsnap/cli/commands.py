@@ -62,19 +62,36 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = restore_interrupted(ws)
         out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+        prediction = _predict(ws, m, inputs, out.pop("changed_sources"), name)
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
-              "repaired_interrupted_restore": was_interrupted, **out,
+              "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3)}
     emit(as_json, result,
          f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
-         f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
+         f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
+         f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
+         + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", [])), quiet)
+
+
+def _predict(ws, m, inputs, changed_sources, name) -> dict:
+    """Which units cargo will rebuild and why (rsnap.snapshot.predict); never fails a restore."""
+    from ..snapshot import predict
+    try:
+        out = predict.after_restore(ws, m, inputs, changed_sources, name)
+    except Exception as e:  # noqa: BLE001 - a prediction bug must not cost the job its cache
+        if os.environ.get("RSNAP_DEBUG"):
+            raise
+        return {"rebuild": None, "notes": [f"rebuild prediction failed: {type(e).__name__}: {e}"]}
+    return {k: out[k] for k in ("rebuild", "notes", "key_differences", "summary")}
 
 
 def _miss(as_json, quiet, base, started, message, ws=None):
     if ws is not None:
         arm_usage(ws)
+        from ..snapshot import predict
+        predict.after_miss(ws)
     data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
             "seconds": round(time.monotonic() - started, 3)}
     emit(as_json, data, f"rsnap: miss: {message}", quiet)

@@ -98,6 +98,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
     return {"files_written": stats.files_written, "bytes_written": stats.bytes_written,
             "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
             "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(),
+            "changed_sources": retime.changed_paths,  # popped by the caller (rebuild prediction)
             "seconds": round(time.monotonic() - started, 3)}
 
 
