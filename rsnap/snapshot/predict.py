@@ -152,7 +152,8 @@ def explain(ws) -> dict:
         counterpart = o or next(iter(old_by_key.get(u.key, [])), None)
         rebuilt.append({"package": u.package, "target": u.kind, "name": u.target, "new_unit": o is None,
                         **_why(ws, u, counterpart, o is not None, tree, by_fp, rebuilt_fps)})
-    rebuilt.sort(key=lambda e: (e["package"], e["target"], e["name"]))
+    rank = _dependency_order(units, by_fp)
+    rebuilt.sort(key=lambda e: rank.get((e["package"], e["target"], e["name"]), 0))
     out = {"snapshot": rec.get("snapshot"), "rebuilt": rebuilt, "units": len(units),
            "fresh": len(units) - len(rebuilt), "predicted": rec.get("rebuild", []),
            "summary": rebuild.summary(rebuilt, "rebuilt")}
@@ -160,6 +161,24 @@ def explain(ws) -> dict:
     if not rec.get("predicted"):
         out["note"] = "the restore was a miss: nothing was predicted"
     return out
+
+
+def _dependency_order(units: list, by_fp: dict) -> dict:
+    """(package, kind, target) -> position with dependencies first."""
+    rank: dict = {}
+    seen: set = set()
+
+    def visit(u):
+        if u.hash_rel in seen:
+            return
+        seen.add(u.hash_rel)
+        for _n, fp in u.dep_fingerprints():
+            if fp in by_fp:
+                visit(by_fp[fp])
+        rank.setdefault(u.key, len(rank))
+    for u in sorted(units, key=lambda u: u.hash_rel):
+        visit(u)
+    return rank
 
 
 def mispredicted(predicted: list[dict], rebuilt: list[dict]) -> list[dict]:
