@@ -149,4 +149,6 @@ def test_lockfile_less_workspace_restores_exact(make_workspace, tmp_path):
     restored = rsnap(ws, store, "restore", "--json").check().data
     assert restored["result"] == "exact" and restored["snapshot_key"] == saved["key"]
     ws.build().check()
+    other_env = rsnap(ws, store, "save", "--json", env_extra={"CARGO_PROFILE_DEV_OPT_LEVEL": "0"}).check().data
+    assert other_env["key_source"] == "default"  # an input besides Cargo.lock changed: not reused
     assert rsnap(ws, store, "save", "--json", "--key", "mine").check().data["key_source"] == "explicit"

@@ -43,9 +43,10 @@ def choose(ws, explicit: str | None, default: str, inputs: dict) -> tuple[str, s
         return explicit, "explicit"
     try:
         rec = json.loads(_path(ws).read_text())
-        if isinstance(rec, dict) and isinstance(rec.get("key"), str) and rec.get("inputs") == _comparable(inputs):
-            from .keys import validate_key
-            return validate_key(rec["key"]), "restore"
+        from .keys import KEY_PATTERN
+        if isinstance(rec, dict) and isinstance(rec.get("key"), str) and KEY_PATTERN.match(rec["key"]) \
+                and rec.get("inputs") == _comparable(inputs):
+            return rec["key"], "restore"
     except (OSError, ValueError):
         pass
     return default, "default"

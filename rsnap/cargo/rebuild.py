@@ -230,6 +230,8 @@ class Predictor:
         self.by_fp = {u.fingerprint: u for u in units}
         self.pkg_dirs = {name: str(d) for name, d in ws.package_dirs_by_name.items()}
         self.old_features: dict[str, set] = {}
+        self.switch: dict[str, fpr.Unit] = {}    # unit -> the unit of the snapshot cargo will use instead
+        self.switch_reason: dict[str, str] = {}
         for u in units:
             if u.kind != "run-build-script" and u.features() is not None:
                 self.old_features.setdefault(u.package, set()).update(u.features())
@@ -242,26 +244,39 @@ class Predictor:
             if u.hash_rel in memo:
                 return memo[u.hash_rel]
             memo[u.hash_rel] = None  # a cycle (never in a valid graph) ends here
+            if self.leftover(u):
+                return None
             entry = self.direct(u)
+            if entry is None and u.hash_rel in self.switch:  # cargo will use another unit of the snapshot
+                memo[u.hash_rel] = visit(self.switch[u.hash_rel])
+                return memo[u.hash_rel]
             roots: set[str] = set()
             deps: set[str] = set()
+            switched = dict(u.dep_fingerprints())
             for name, fp in u.dep_fingerprints():
-                d = self.by_fp.get(fp)
-                if d is None:
-                    deps.add(name)
-                    roots.add(f"{name} (not in the snapshot)")
-                    continue
+                d = self.by_fp[fp]  # present: leftover() checked
                 de = visit(d)
+                if d.hash_rel in self.switch:
+                    switched[name] = self.switch[d.hash_rel].fingerprint
+                    if de is None:
+                        de = {"roots": [f"{d.package} ({self.switch_reason[d.hash_rel]})"]}
                 if de is not None:
                     deps.add(d.package)
                     roots.update(de.get("roots") or [d.package])
+            if entry is None and switched != dict(u.dep_fingerprints()):
+                twin = next((w for w in self.units if w.key == u.key and w is not u
+                             and dict(w.dep_fingerprints()) == switched), None)
+                if twin is not None:  # built against the new dependencies before: in the snapshot
+                    self.switch[u.hash_rel] = twin
+                    memo[u.hash_rel] = visit(twin)
+                    return memo[u.hash_rel]
             if entry is None and deps:
                 entry = {"cause": "dependency", "dependencies": sorted(deps), "roots": sorted(roots),
                          "reason": "depends on " + ", ".join(sorted(roots))}
             elif entry is not None and deps:
                 entry["dependencies"] = sorted(deps)
             if entry is not None:
-                entry.update(package=u.package, target=u.kind, name=u.target)
+                entry.update(package=u.package, target=u.kind, name=u.target, unit=u.unit_hash)
                 order.append(u)
             memo[u.hash_rel] = entry
             return entry
@@ -269,6 +284,30 @@ class Predictor:
         for u in sorted(self.units, key=lambda u: u.hash_rel):
             visit(u)
         return [memo[u.hash_rel] for u in order]
+
+    def _locked(self, v: str | None, package: str) -> bool:
+        return bool(v) and any(ver == v or src.rsplit("#", 1)[-1].startswith(v) for ver, src in self.settings.lock[package])
+
+    def leftover(self, u: fpr.Unit) -> bool:
+        """A unit the snapshot's own build did not use: stale already in the state the snapshot
+        recorded (a dependency missing, or a recorded source newer than its dep-info). Every unit a
+        build uses is fresh right after it, so cargo's next build will not touch this one either."""
+        if any(fp not in self.by_fp for _n, fp in u.dep_fingerprints()):
+            return True
+        records = getattr(self.view, "records", {})
+        pkg_root = self.pkg_dirs.get(u.package)
+        for item in u.local("CheckDepInfo"):
+            rel = item.get("dep_info") if isinstance(item, dict) else None
+            data = self.tree.read(rel) if isinstance(rel, str) else None
+            ref = self.tree.mtime(rel) if data is not None else None
+            if ref is None or pkg_root is None:
+                continue
+            for kind, p in fpr.decode_depinfo(data)[0]:
+                if kind == fpr.PACKAGE_ROOT:
+                    rec = records.get(_rel(os.path.normpath(os.path.join(pkg_root, p)), self.root))
+                    if rec is not None and rec[3] > ref:
+                        return True
+        return False
 
     def direct(self, u: fpr.Unit) -> dict | None:
         s = self.settings
@@ -286,8 +325,14 @@ class Predictor:
                     return {"cause": "features", "reason": "declared features changed"}
             if s.lock is not None and u.package not in self.pkg_dirs and u.package in s.lock:
                 v = unit_version(self.tree, u)
-                if v and not any(ver == v or src.rsplit("#", 1)[-1].startswith(v) for ver, src in s.lock[u.package]):
+                if v and not self._locked(v, u.package):
                     now = ", ".join(sorted(ver for ver, _src in s.lock[u.package]))
+                    twin = next((w for w in self.units if w.key == u.key and w is not u
+                                 and self._locked(unit_version(self.tree, w), u.package)), None)
+                    if twin is not None:  # the locked version was built before: in the snapshot
+                        self.switch[u.hash_rel] = twin
+                        self.switch_reason[u.hash_rel] = f"Cargo.lock: {v} -> {now}"
+                        return None
                     return {"cause": "lockfile", "reason": f"Cargo.lock: {u.package} {v} -> {now} (not in the snapshot)"}
         files = self.changed_inputs(u)
         if files is None:

@@ -150,7 +150,7 @@ def explain(ws) -> dict:
     for u in rebuilt_units:
         o = old.get(u.hash_rel)
         counterpart = o or next(iter(old_by_key.get(u.key, [])), None)
-        rebuilt.append({"package": u.package, "target": u.kind, "name": u.target, "new_unit": o is None,
+        rebuilt.append({"package": u.package, "target": u.kind, "name": u.target, "unit": u.unit_hash, "new_unit": o is None,
                         **_why(ws, u, counterpart, o is not None, tree, by_fp, rebuilt_fps)})
     rank = _dependency_order(units, by_fp)
     rebuilt.sort(key=lambda e: rank.get((e["package"], e["target"], e["name"]), 0))
