@@ -43,26 +43,27 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
     started = time.monotonic()
     ws = _discover(manifest_path)
     k, inputs = key_and_inputs(ws, key)
-    key_record.remember(ws, k, inputs, "explicit" if key else "default")  # the next `rsnap save` uses it
+    record_key = lambda: key_record.remember(ws, k, inputs, "explicit" if key else "default")  # noqa: E731
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url()}
     try:
         st = open_store(store, create=False)
     except StoreError as e:
-        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
+        return _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws, record_key)
     name, kind = repo.find_snapshot(st, k, prefixes)
     if name is None:
         return _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
-                     "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
+                     "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws, record_key)
     m = repo.read_manifest(st, name)
     if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
         return _miss(as_json, quiet, base, started,
                      f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
-                     "treated as a miss (see --allow-relocate)", ws)
+                     "treated as a miss (see --allow-relocate)", ws, record_key)
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = restore_interrupted(ws)
         out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
         prediction = _predict(ws, m, inputs, out.pop("changed_sources"), name)
+        record_key()  # the next `rsnap save` in this target dir uses the key looked up here
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
               "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3)}
@@ -87,9 +88,10 @@ def _predict(ws, m, inputs, changed_sources, name) -> dict:
     return {k: out[k] for k in ("rebuild", "notes", "key_differences", "summary")}
 
 
-def _miss(as_json, quiet, base, started, message, ws=None):
+def _miss(as_json, quiet, base, started, message, ws=None, record_key=None):
     if ws is not None:
         arm_usage(ws)
+        record_key()
         from ..snapshot import predict
         predict.after_miss(ws)
     data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
