@@ -240,22 +240,32 @@ class Predictor:
         memo: dict[str, dict | None] = {}
         order: list[fpr.Unit] = []
 
-        def visit(u: fpr.Unit) -> dict | None:
+        leftovers: dict[str, bool] = {}
+
+        def visit(u: fpr.Unit, used: bool = False) -> dict | None:
+            """`used`: cargo will use this unit (it replaces one of the snapshot's build)."""
             if u.hash_rel in memo:
                 return memo[u.hash_rel]
+            if not used:
+                if u.hash_rel not in leftovers:
+                    leftovers[u.hash_rel] = self.leftover(u)
+                if leftovers[u.hash_rel]:
+                    return None
             memo[u.hash_rel] = None  # a cycle (never in a valid graph) ends here
-            if self.leftover(u):
-                return None
             entry = self.direct(u)
             if entry is None and u.hash_rel in self.switch:  # cargo will use another unit of the snapshot
-                memo[u.hash_rel] = visit(self.switch[u.hash_rel])
+                memo[u.hash_rel] = visit(self.switch[u.hash_rel], True)
                 return memo[u.hash_rel]
             roots: set[str] = set()
             deps: set[str] = set()
             switched = dict(u.dep_fingerprints())
             for name, fp in u.dep_fingerprints():
-                d = self.by_fp[fp]  # present: leftover() checked
-                de = visit(d)
+                d = self.by_fp.get(fp)
+                if d is None:  # only in a unit cargo switches to (leftover() checked the others)
+                    deps.add(name)
+                    roots.add(f"{name} (not in the snapshot)")
+                    continue
+                de = visit(d, used)
                 if d.hash_rel in self.switch:
                     switched[name] = self.switch[d.hash_rel].fingerprint
                     if de is None:
@@ -268,7 +278,7 @@ class Predictor:
                              and dict(w.dep_fingerprints()) == switched), None)
                 if twin is not None:  # built against the new dependencies before: in the snapshot
                     self.switch[u.hash_rel] = twin
-                    memo[u.hash_rel] = visit(twin)
+                    memo[u.hash_rel] = visit(twin, True)
                     return memo[u.hash_rel]
             if entry is None and deps:
                 entry = {"cause": "dependency", "dependencies": sorted(deps), "roots": sorted(roots),
