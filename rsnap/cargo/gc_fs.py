@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from ..errors import RsnapError, EXIT_LOCKED
 from ..faults import point as _fault_point   # RSNAP_FAULT=gc:N: SIGKILL after the N-th deletion
+from .fingerprints import read_noatime  # noqa: F401 - GC reads fingerprints as rsnap.cargo.fingerprints does
 from .layout import RSNAP_DIR
 
 # NamedTuples and plain classes, not dataclasses: every save imports GC (see rsnap.store.manifest)
@@ -77,25 +78,6 @@ def _dir_bytes(path) -> int:
 def item_of(path: Path) -> Item:
     isdir = path.is_dir() and not path.is_symlink()
     return Item(path, tree_bytes(path), isdir)
-
-
-def read_noatime(path: Path) -> bytes:
-    """Read without updating atime (so GC never fakes usage); plain read if not permitted."""
-    flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
-    try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            b = os.read(fd, 1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def contains_noatime(path: Path, needles: list[bytes]) -> list[bool]:
