@@ -58,3 +58,17 @@ def cold_runner(ws) -> None:
     ws.clone_fresh(allow_dirty=True)
     for sub in ("registry", "git"):
         shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
+
+
+def rebuild_sets(entries: list[dict]) -> tuple[set, set]:
+    """(compiled units as (package, target name, cargo kind), packages whose build script runs) of a
+    `rebuild`/`rebuilt` list from rsnap restore/status/explain --json."""
+    kinds = {"build-script": "custom-build"}
+    compiled = {(e["package"], e["name"], kinds.get(e["target"], e["target"]))
+                for e in entries if e["target"] != "run-build-script"}
+    return compiled, {e["package"] for e in entries if e["target"] == "run-build-script"}
+
+
+def cargo_sets(build) -> tuple[set, set]:
+    """The same two sets from what cargo did (cargo_util.BuildResult: fresh:false artifacts, -v Running lines)."""
+    return build.compiled_units(), set(build.scripts_run)

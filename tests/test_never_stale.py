@@ -3,7 +3,9 @@ the program equals a clean build of the same sources. Never stale.
 
 Each hypothesis step is one CI run on a cold runner: fresh clone at the same path,
 the step's edits (before or after the restore), `rsnap restore`, `cargo build`,
-compare with a from-scratch build, `rsnap save`. Set RSNAP_PROPERTY_EXAMPLES for
+compare with a from-scratch build, `rsnap save`. On every step `rsnap explain` must report
+exactly what cargo compiled, and the restore's rebuild prediction must equal it (when the edits
+came before the restore). Set RSNAP_PROPERTY_EXAMPLES for
 longer runs locally.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cargo_util import create_workspace
-from rsnap_util import rsnap
+from rsnap_util import cargo_sets, rebuild_sets, rsnap
 
 EXAMPLES = int(os.environ.get("RSNAP_PROPERTY_EXAMPLES", "12"))
 
@@ -95,11 +97,18 @@ def test_restored_build_is_never_stale(ci_workspace, steps):
         if not edit_after_restore:
             for op in ops:
                 apply_op(ws, op)
-        rsnap(ws, store, "restore", "--json").check()
+        restored = rsnap(ws, store, "restore", "--json").check().data
         if edit_after_restore:
             for op in ops:
                 apply_op(ws, op)
-        ws.build("build")
+        build = ws.build("build")
+        # truth: explain (from cargo's fingerprint files) agrees with what cargo compiled and ran;
+        # the restore's prediction too, unless the edits came after it (it cannot know those)
+        explained = rsnap(ws, store, "explain", "--json").check().data
+        assert rebuild_sets(explained["rebuilt"]) == cargo_sets(build), (ops, explained["rebuilt"], build.summary())
+        if not edit_after_restore and restored["result"] != "miss":
+            assert rebuild_sets(restored["rebuild"]) == cargo_sets(build), (ops, restored["rebuild"], build.summary())
+            assert explained["mispredicted"] == [], (ops, explained["mispredicted"])
         expected = ws.clean_output()
         assert ws.run_app() == expected, f"stale build after {ops} (edit after restore: {edit_after_restore})"
         rsnap(ws, store, "save", "--json").check()

@@ -79,25 +79,6 @@ def item_of(path: Path) -> Item:
     return Item(path, tree_bytes(path), isdir)
 
 
-def read_noatime(path: Path) -> bytes:
-    """Read without updating atime (so GC never fakes usage); plain read if not permitted."""
-    flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
-    try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            b = os.read(fd, 1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def contains_noatime(path: Path, needles: list[bytes]) -> list[bool]:
     """Which needles occur in the file (mapped, not read: session rmeta files run to megabytes)."""
     flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)

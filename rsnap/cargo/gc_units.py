@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import RsnapError
 from . import keys, usage
-from .gc_fs import TRASH, Item, item_of, read_noatime, scandir, tree_bytes
+from .fingerprints import read_noatime
+from .gc_fs import TRASH, Item, item_of, scandir, tree_bytes
 from .gc_incremental import CrateDir, scan_crate_dir
 from .hashes import cargo_hash_str
 from .layout import EXCLUDED_TARGET_NAMES, RSNAP_DIR

@@ -35,9 +35,10 @@ class RetimeStats:
         # (st_dev, st_ino) of files found changed: a file reached under two names (one a symlink)
         # that matches one record and not the other must end newer, never re-timed back
         self.changed: set[tuple[int, int]] = set()
+        self.changed_paths: list[str] = []  # for the rebuild prediction (rsnap.cargo.rebuild)
 
     def as_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k != "changed"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("changed", "changed_paths")}
 
 
 def _skip_dirs(ws) -> set[Path]:
@@ -270,11 +271,13 @@ def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bum
             pass  # also reached under another name (a symlink) that found it changed: stays newer
         elif st.st_mtime_ns <= newest_artifact_ns:
             stats.changed.add(inode)
+            stats.changed_paths.append(str(path))
             _push_forward(path, st, bump_ns, newest_artifact_ns)
             stats.bumped += 1
             faults.point("restore.retime")
         else:
             stats.changed.add(inode)
+            stats.changed_paths.append(str(path))
             stats.newer += 1
     except OSError:
         pass  # unreadable or vanished: cargo will see it as changed or missing

@@ -145,7 +145,8 @@ def status(
     restore_key: Optional[List[str]] = RestoreKeyOpt, manifest_path: Optional[str] = ManifestOpt,
     as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt, read_scope: Optional[List[str]] = ReadScopeOpt,
 ):
-    """Show what a restore would do and what the target dir holds."""
+    """Show what a restore would do (including which crates cargo would then rebuild, and why) and
+    what the target dir holds. Reads only; writes nothing."""
     ws = discover(manifest_path)
     k, inputs = commands.key_and_inputs(ws, key)
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
@@ -170,11 +171,21 @@ def status(
         m = repo.read_manifest(st, name)
         data["would_restore"].update(files=m.file_count(), bytes=m.total_size(),
                                      relocated=(m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)))
+        from . import explain as explain_cli
+        data.update(explain_cli.status_rebuild(ws, st, m, inputs))
     if as_json:
         print(json.dumps(data, sort_keys=True))
     else:
         for k2, v in data.items():
             print(f"{k2}: {v}")
+
+
+@app.command()
+def explain(manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt):
+    """After `rsnap restore` and a cargo build: which units cargo rebuilt and why, and where the
+    restore's prediction was wrong. Exit 4 if no restore was recorded in the target dir."""
+    from . import explain as explain_cli
+    explain_cli.explain(manifest_path, as_json)
 
 
 @store_app.command("ls")

@@ -11,7 +11,7 @@ import sys
 import time
 
 from .. import timings
-from ..cargo import keys, prefetch
+from ..cargo import key_record, keys, prefetch
 from ..cargo.layout import discover, RSNAP_DIR
 from ..errors import RsnapError, StoreError, EXIT_USAGE
 from ..progress import human_bytes
@@ -66,46 +66,49 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     timings.mark("discover")
     k, inputs = key_and_inputs(ws, key)
     timings.mark("key")
+    record_key = lambda: key_record.remember(ws, k, inputs, "explicit" if key else "default")  # noqa: E731
     prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
     try:
         st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
-        _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws)
+        _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws, record_key)
         return None
     timings.mark("lookup")
     remote = getattr(st, "remote_store", False)  # a remote store that fails is a miss (exit 0), not an error
     if name is None:
         _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
-              "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws)
+              "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws, record_key)
         return st
     try:
         m = read_manifest(st, name, ws)
     except StoreError as e:
         if not remote:
             raise
-        _miss(as_json, quiet, base, started, f"{e}; cargo will build from scratch", ws)
+        _miss(as_json, quiet, base, started, f"{e}; cargo will build from scratch", ws, record_key)
         return None
     timings.mark("manifest")
     if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
         _miss(as_json, quiet, base, started,
               f"snapshot {name} was taken at {m.workspace_root} with CARGO_HOME={m.cargo_home}, not here; "
-              "treated as a miss (see --allow-relocate)", ws)
+              "treated as a miss (see --allow-relocate)", ws, record_key)
         return st
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = restore_interrupted(ws)
         try:
             out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
+            prediction = _predict(ws, m, inputs, out.pop("changed_sources"), name)
+            record_key()  # the next `rsnap save` in this target dir uses the key looked up here
         except StoreError as e:
             if not remote:
                 raise
             from ..snapshot import fallback
             fallback.as_miss(ws)
             _miss(as_json, quiet, {**base, "snapshot": name}, started,
-                  f"{e}; the partly restored target is not trusted (no fingerprints): cargo will build from scratch", ws)
+                  f"{e}; the partly restored target is not trusted (no fingerprints): cargo will build from scratch", ws, record_key)
             return None
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
-              "repaired_interrupted_restore": was_interrupted, **out,
+              "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
               "discovery_cached": prefetch.from_cache()}
     prefetch.remember(ws.target_dir, manifest_path)
@@ -116,7 +119,9 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
          f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
-         f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s", quiet)
+         f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
+         f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
+         + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", [])), quiet)
     return st
 
 
@@ -152,9 +157,25 @@ def _timings() -> dict:
     return out
 
 
-def _miss(as_json, quiet, base, started, message, ws=None):
+def _predict(ws, m, inputs, changed_sources, name) -> dict:
+    """Which units cargo will rebuild and why (rsnap.snapshot.predict); never fails a restore."""
+    from ..snapshot import predict
+    try:
+        out = predict.after_restore(ws, m, inputs, changed_sources, name)
+    except Exception as e:  # noqa: BLE001 - a prediction bug must not cost the job its cache
+        if os.environ.get("RSNAP_DEBUG"):
+            raise
+        return {"rebuild": None, "notes": [f"rebuild prediction failed: {type(e).__name__}: {e}"]}
+    return {k: out[k] for k in ("rebuild", "notes", "key_differences", "summary")}
+
+
+def _miss(as_json, quiet, base, started, message, ws=None, record_key=None):
     if ws is not None:
         arm_usage(ws)
+        if record_key is not None:
+            record_key()
+        from ..snapshot import predict
+        predict.after_miss(ws)
     data = {**base, "result": "miss", "message": message, "files_written": 0, "bytes_written": 0,
             "seconds": round(time.monotonic() - started, 3), "timings": _timings()}
     emit(as_json, data, f"rsnap: miss: {message}", quiet)
@@ -169,7 +190,8 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
     ws = _discover(manifest_path, with_deps=True)
     timings.mark("discover")
     cap = max_size_bytes(ws, max_size)
-    k, inputs = key_and_inputs(ws, key)
+    inputs = keys.key_inputs(ws)
+    k, key_source = key_record.choose(ws, key and keys.validate_key(key), keys.default_key(inputs), inputs)
     st = open_store(store, scope=scope or "")
     timings.mark("key")
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
@@ -183,14 +205,16 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
         timings.mark("gc")
         out = save_snapshot(ws, st, k, inputs, keys.family_prefix(inputs),
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
+        key_record.consume(ws)
     prefetch.remember(ws.target_dir, manifest_path)
     if getattr(st, "remote_store", False):
         _sync_cache(st, "up", quiet)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
-    emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report, "timings": _timings(),
+    emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report, "key_source": key_source,
+                   "timings": _timings(),
                    "discovery_cached": prefetch.from_cache()},
-         f"rsnap: saved {k}: {out['files']} files ({human_bytes(out['bytes_total'])}), "
+         f"rsnap: saved {k} (key from {key_source}): {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)
 
 

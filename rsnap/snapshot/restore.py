@@ -125,6 +125,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
             "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(), "settled_roots": sorted(unchanged),
             "clock_shift_seconds": round(shift / 1e9, 3),
+            "changed_sources": retime.changed_paths,  # popped by the caller (rebuild prediction)
             "seconds": round(time.monotonic() - started, 3)}
 
 

@@ -1,3 +1,5 @@
 fn main() {
-    println!("{}", greet::greeting("rsnap"));
+    let items = hx_model::inventory();
+    println!("{}", hx_text::greeting("rsnap"));
+    println!("{} items need {} crates", items.len(), hx_engine::crates_needed(&items));
 }

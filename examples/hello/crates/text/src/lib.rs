@@ -1,3 +1,5 @@
+//! Formatting helpers.
+
 pub fn greeting(name: &str) -> String {
     format!("hello, {name}")
 }
