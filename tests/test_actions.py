@@ -97,7 +97,7 @@ def test_restore_miss_build_save_then_exact_hit(runner, tmp_path):
     out, _, _ = run_action("restore", {"store": str(store)}, ws, env)
     assert out == {"cache-hit": "true", "cache-matched-key": primary, "cache-primary-key": primary,
                    "result": "exact"}
-    assert (ws / "target" / "debug" / "app").exists()
+    assert (ws / "target" / "debug" / "hx-app").exists()
 
 
 def test_restore_keys_fall_back_and_scope_is_exported(runner, tmp_path):

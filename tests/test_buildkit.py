@@ -52,17 +52,17 @@ def test_second_build_with_cache_mounts_kept_compiles_nothing(buildkit, tmp_path
     src = bk.REPO_ROOT / "examples" / "hello"
     ctx = bk.fresh_copy(src, tmp_path / "ctx")
     (ctx / ".rsnap-seed").mkdir()
-    first = bk.build(ctx, bk.RECIPE, tmp_path / "out1", **_args(buildkit, "a", CARGO_ARGS="build --release")).check()
-    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
+    first = bk.build(ctx, bk.RECIPE, tmp_path / "out1", **_args(buildkit, "a", CARGO_ARGS="build --release", BIN="hx-app")).check()
+    assert sorted(first.compiled) == ["hx-app", "hx-engine", "hx-model", "hx-text"], first.log[-3000:]
 
     ctx = bk.fresh_copy(src, tmp_path / "ctx")
     (ctx / ".rsnap-seed").mkdir()
     (ctx / "CHANGELOG").write_text("a commit that touches no Rust source\n")
-    second = bk.build(ctx, bk.RECIPE, tmp_path / "out2", **_args(buildkit, "a", CARGO_ARGS="build --release")).check()
+    second = bk.build(ctx, bk.RECIPE, tmp_path / "out2", **_args(buildkit, "a", CARGO_ARGS="build --release", BIN="hx-app")).check()
     assert "Finished" in second.log and "[build 4/4] RUN" in second.log
     assert "CACHED" not in second.log.split("[build 4/4] RUN")[1].split("\n#")[0]
     assert second.compiled == [], second.log[-3000:]
-    assert _run(tmp_path / "out2" / "bin" / "app").strip() == "hello, rsnap"
+    assert _run(tmp_path / "out2" / "bin" / "hx-app").splitlines()[0] == "hello, rsnap"
 
 
 def test_wiped_buildkit_cache_refilled_from_store_then_one_line_edit(buildkit, tmp_path):
@@ -103,10 +103,10 @@ def test_wiped_buildkit_cache_refilled_from_store_then_one_line_edit(buildkit, t
 
 
 def test_one_line_edit_in_bundled_example(buildkit, tmp_path):
-    """(c) on the bundled example, warm runner: edit the leaf lib; greet and app compile."""
+    """(c) on the bundled example, warm runner: edit the leaf lib; hx-text and hx-app compile."""
     src = bk.REPO_ROOT / "examples" / "hello"
     ws = bk.fresh_copy(src, tmp_path / "ws")
-    args = _args(buildkit, "c", CARGO_ARGS="build --release")
+    args = _args(buildkit, "c", CARGO_ARGS="build --release", BIN="hx-app")
 
     def run_build(name):
         ctx = bk.fresh_copy(ws, tmp_path / "ctx")
@@ -114,11 +114,11 @@ def test_one_line_edit_in_bundled_example(buildkit, tmp_path):
         return bk.build(ctx, bk.RECIPE, tmp_path / name, **args).check()
 
     run_build("out1")
-    lib = ws / "crates" / "greet" / "src" / "lib.rs"
+    lib = ws / "crates" / "text" / "src" / "lib.rs"
     lib.write_text(lib.read_text().replace('"hello, {name}"', '"hi there, {name}"'))
     edited = run_build("out2")
-    assert sorted(edited.compiled) == ["app", "greet"], edited.log[-3000:]
-    assert _run(tmp_path / "out2" / "bin" / "app").strip() == "hi there, rsnap"
+    assert sorted(edited.compiled) == ["hx-app", "hx-text"], edited.log[-3000:]
+    assert _run(tmp_path / "out2" / "bin" / "hx-app").splitlines()[0] == "hi there, rsnap"
 
 
 # Distinctive credentials (moto accepts any): the test checks they never show in a build log.

@@ -23,8 +23,8 @@ seeded:
     WORKDIR /example
     COPY --keep-ts examples/hello ./
     COPY store-seed /rsnap-seed
-    DO +CARGO --args="build --release" --output="release/app$" --seed=/rsnap-seed --export_to=/rsnap-export
-    SAVE ARTIFACT target/release/app AS LOCAL out/seeded/app
+    DO +CARGO --args="build --release" --output="release/hx-app$" --seed=/rsnap-seed --export_to=/rsnap-export
+    SAVE ARTIFACT target/release/hx-app AS LOCAL out/seeded/hx-app
     SAVE ARTIFACT /rsnap-export AS LOCAL out/seeded/store
 
 # RESTORE, a plain cargo RUN on the function's cache mounts (lib/rust's shape), SAVE; any store.
@@ -36,8 +36,8 @@ halves:
     COPY --keep-ts examples/hello ./
     DO +RESTORE --aws_access_key_id=AWS_ACCESS_KEY_ID --aws_secret_access_key=AWS_SECRET_ACCESS_KEY
     RUN --mount=$RSNAP_CARGO_HOME_CACHE --mount=$RSNAP_TARGET_CACHE cargo build --release
-    DO +SAVE --output="release/app$" --aws_access_key_id=AWS_ACCESS_KEY_ID --aws_secret_access_key=AWS_SECRET_ACCESS_KEY
-    SAVE ARTIFACT target/release/app AS LOCAL out/halves/app
+    DO +SAVE --output="release/hx-app$" --aws_access_key_id=AWS_ACCESS_KEY_ID --aws_secret_access_key=AWS_SECRET_ACCESS_KEY
+    SAVE ARTIFACT target/release/hx-app AS LOCAL out/halves/hx-app
 """
 
 
@@ -48,9 +48,9 @@ def test_function_inlined_with_arguments_in_callers_context():
     assert "FROM img AS example" in df
     run = next(l for l in df.splitlines() if "cargo $args" in l)
     assert run.startswith("RUN --mount=type=cache,id=rsnap-target,sharing=locked,target=/example/target ")
-    assert "args='build --release';" in run and "output='release/app$';" in run
+    assert "args='build --release';" in run and "output='release/hx-app$';" in run
     assert "COPY --from=dist--artifacts /*.whl /tmp/rsnap-dist/" in df
-    assert "COPY --from=example /example/target/release/app /out/example/app" in df
+    assert "COPY --from=example /example/target/release/hx-app /out/example/hx-app" in df
     assert "ENV RSNAP_STORE=/rsnap/store" in df
 
 
@@ -118,23 +118,24 @@ def _earthly_build(session, ctx, target, args=None, secrets=None):
 
 
 def _run(path):
-    return subprocess.run([str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    """The first line the bundled example prints (its greeting)."""
+    return subprocess.run([str(path)], capture_output=True, text=True, check=True).stdout.splitlines()[0]
 
 
 def test_example_target_then_one_line_edit(buildkit, tmp_path):
     """+example through DO +INIT / DO +CARGO --output; then an edit in the leaf lib on the warm
-    runner compiles just greet and app, and the artifact shows it."""
+    runner compiles just hx-text and hx-app, and the artifact shows it."""
     ctx = _context(tmp_path)
     first, out = _earthly_build(buildkit, ctx, "example")
-    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
-    assert _run(out / "out" / "example" / "app") == "hello, rsnap"
+    assert sorted(first.compiled) == ["hx-app", "hx-engine", "hx-model", "hx-text"], first.log[-3000:]
+    assert _run(out / "out" / "example" / "hx-app") == "hello, rsnap"
 
-    lib = ctx / "examples" / "hello" / "crates" / "greet" / "src" / "lib.rs"
+    lib = ctx / "examples" / "hello" / "crates" / "text" / "src" / "lib.rs"
     lib.write_text(lib.read_text().replace('"hello, {name}"', '"hello from earthly, {name}"'))
     second, out = _earthly_build(buildkit, ctx, "example")
-    assert sorted(second.compiled) == ["app", "greet"], second.log[-3000:]
+    assert sorted(second.compiled) == ["hx-app", "hx-text"], second.log[-3000:]
     assert any(" hit " in l for l in second.rsnap_lines), second.rsnap_lines
-    assert _run(out / "out" / "example" / "app") == "hello from earthly, rsnap"
+    assert _run(out / "out" / "example" / "hx-app") == "hello from earthly, rsnap"
 
 
 def test_store_seeded_after_prune_builds_nothing(buildkit, tmp_path):
@@ -143,7 +144,7 @@ def test_store_seeded_after_prune_builds_nothing(buildkit, tmp_path):
     ctx = _context(tmp_path)
     bk.prune()
     first, out = _earthly_build(buildkit, ctx, "seeded")
-    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
+    assert sorted(first.compiled) == ["hx-app", "hx-engine", "hx-model", "hx-text"], first.log[-3000:]
     assert bk.merge_store(out / "out" / "seeded" / "store", ctx / "store-seed") > 0
 
     bk.prune()
@@ -151,7 +152,7 @@ def test_store_seeded_after_prune_builds_nothing(buildkit, tmp_path):
     second, out = _earthly_build(buildkit, ctx, "seeded")
     assert any("seeding it from /rsnap-seed" in l for l in second.rsnap_lines), second.log[-3000:]
     assert second.compiled == [], second.log[-3000:]
-    assert _run(out / "out" / "seeded" / "app") == "hello, rsnap"
+    assert _run(out / "out" / "seeded" / "hx-app") == "hello, rsnap"
 
 
 # Distinctive credentials (moto accepts any): they must never show in a build log.
@@ -168,15 +169,15 @@ def test_halves_with_s3_store_after_prune_build_nothing(buildkit, moto_server, t
     ctx = _context(tmp_path)
     bk.prune()
     first, out = _earthly_build(buildkit, ctx, "halves", {"store": store}, S3_SECRETS)
-    assert sorted(first.compiled) == ["app", "greet"], first.log[-3000:]
-    assert _run(out / "out" / "halves" / "app") == "hello, rsnap"
+    assert sorted(first.compiled) == ["hx-app", "hx-engine", "hx-model", "hx-text"], first.log[-3000:]
+    assert _run(out / "out" / "halves" / "hx-app") == "hello, rsnap"
 
     bk.prune()
     bk.fresh_copy(bk.REPO_ROOT / "examples" / "hello", ctx / "examples" / "hello")  # new mtimes
     second, out = _earthly_build(buildkit, ctx, "halves", {"store": store}, S3_SECRETS)
     assert any(re.search(r" hit \S+: wrote [1-9]", l) for l in second.rsnap_lines), second.log[-3000:]
     assert second.compiled == [], second.log[-3000:]
-    assert _run(out / "out" / "halves" / "app") == "hello, rsnap"
+    assert _run(out / "out" / "halves" / "hx-app") == "hello, rsnap"
     for b in (first, second):
         for value in S3_SECRETS.values():
             assert value not in b.log
