@@ -100,12 +100,17 @@ def test_restore_miss_build_save_then_exact_hit(runner, tmp_path):
     assert (ws / "target" / "debug" / "hx-app").exists()
 
 
+def ci_run(ws, env, **inputs) -> None:
+    """One job: the restore action, cargo, the save action, with the same inputs."""
+    run_action("restore", inputs, ws, env)
+    _cargo(ws, env)
+    run_action("save", {**inputs, "prune-keep": ""}, ws, env)
+
+
 def test_restore_keys_fall_back_and_scope_is_exported(runner, tmp_path):
     ws, env = runner
     store = tmp_path / "store"
-    run_action("restore", {"store": str(store), "key": "ci-main-1"}, ws, env)
-    _cargo(ws, env)
-    run_action("save", {"store": str(store), "key": "ci-main-1", "prune-keep": ""}, ws, env)
+    ci_run(ws, env, store=str(store), key="ci-main-1")
 
     out, ghenv, _ = run_action("restore", {"store": str(store), "key": "ci-feature-2", "scope": "",
                                            "restore-keys": "  ci-feature-\n\n  ci-main-  \n"}, ws, env)
@@ -130,9 +135,7 @@ def test_working_directory_and_missing_rsnap_without_install(runner, tmp_path):
 def test_branch_scope_falls_back_to_main_scope_and_saves_into_its_own(runner, tmp_path):
     ws, env = runner
     store = tmp_path / "store"
-    run_action("restore", {"store": str(store), "scope": "main"}, ws, env)
-    _cargo(ws, env)
-    run_action("save", {"store": str(store), "scope": "main", "prune-keep": ""}, ws, env)
+    ci_run(ws, env, store=str(store), scope="main")
     shutil.rmtree(ws / "target")
     out, ghenv, _ = run_action("restore", {"store": str(store), "scope": "pr-7", "read-scopes": "main\n"}, ws, env)
     assert out["result"] == "exact" and ghenv["RSNAP_SCOPE"] == "pr-7"

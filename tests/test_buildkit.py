@@ -21,16 +21,6 @@ import pytest
 import buildkit_util as bk
 
 
-@pytest.fixture(scope="session")
-def buildkit():
-    try:
-        session = bk.setup()
-    except bk.Unavailable as e:
-        pytest.skip(f"no BuildKit: {e}")
-    yield session
-    bk.stop(session)
-
-
 @pytest.fixture(autouse=True)
 def empty_cache(buildkit):
     """Every test starts from an empty BuildKit cache (the recipe's cache mount ids are fixed,

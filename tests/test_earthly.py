@@ -85,14 +85,9 @@ def test_refuses_what_it_does_not_model(line, message):
 # -- through BuildKit ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def buildkit():
-    try:
-        session = bk.setup()
-    except bk.Unavailable as e:
-        pytest.skip(f"no BuildKit: {e}")
+def buildkit(buildkit_session):
     bk.prune()
-    yield session
-    bk.stop(session)
+    return buildkit_session
 
 
 def _context(tmp_path):
