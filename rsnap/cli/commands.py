@@ -96,8 +96,9 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = restore_interrupted(ws)
         try:
-            out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False)
-            prediction = _predict(ws, m, inputs, out.pop("changed_sources"), name)
+            out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False,
+                                   predict_with=lambda tree, changed: _predict(ws, m, inputs, changed, name, tree))
+            prediction = out.pop("prediction") or {"rebuild": None, "notes": ["no target dir in the snapshot"]}
             record_key()  # the next `rsnap save` in this target dir uses the key looked up here
         except StoreError as e:
             if not remote:
@@ -157,16 +158,17 @@ def _timings() -> dict:
     return out
 
 
-def _predict(ws, m, inputs, changed_sources, name) -> dict:
-    """Which units cargo will rebuild and why (rsnap.snapshot.predict); never fails a restore."""
+def _predict(ws, m, inputs, changed_sources, name, tree) -> dict:
+    """Which units cargo will rebuild and why (rsnap.snapshot.predict), with the units read
+    (`_units`, for a partial restore); never fails a restore (no prediction: a full restore)."""
     from ..snapshot import predict
     try:
-        out = predict.after_restore(ws, m, inputs, changed_sources, name)
+        out = predict.after_restore(ws, m, inputs, changed_sources, name, tree)
     except Exception as e:  # noqa: BLE001 - a prediction bug must not cost the job its cache
         if os.environ.get("RSNAP_DEBUG"):
             raise
         return {"rebuild": None, "notes": [f"rebuild prediction failed: {type(e).__name__}: {e}"]}
-    return {k: out[k] for k in ("rebuild", "notes", "key_differences", "summary")}
+    return {k: out[k] for k in ("rebuild", "notes", "key_differences", "summary", "_units")}
 
 
 def _miss(as_json, quiet, base, started, message, ws=None, record_key=None):

@@ -63,11 +63,19 @@ def plan_root(path: Path, root: mf.Root, subtrees, exclude) -> RestorePlan:
             if e.type != "l" and (have.mtime_ns != e.mtime_ns or have.mode != e.mode):
                 plan.fix_meta.append((e, have))
     rewritten = {e.path for e in plan.write}
+    files = {e.path: e for e in root.entries if e.type == "f"}
     for e in links:
         have, first = existing.pop(e.path, None), on_disk.get(e.digest)
         if have is not None and have.type == "f" and first is not None and have.ino == first.ino \
                 and e.digest not in rewritten:
             plan.unchanged += 1
+            continue
+        alone = mf.Entry(e.path, "f", e.mode, e.size, e.mtime_ns, files[e.digest].digest) if e.digest in files else None
+        if have is not None and have.type == "f" and first is None and alone is not None and \
+                _same_content(path, alone, have, cache, root.merge):
+            plan.unchanged += 1  # a file of its own, as a partial restore leaves a split hard link
+            if have.mtime_ns != e.mtime_ns or have.mode != e.mode:
+                plan.fix_meta.append((alone, have))
             continue
         if have is not None and have.type != "f":
             plan.remove.append(have)  # a regular file is replaced by the link atomically

@@ -1,7 +1,8 @@
 """Rebuild prediction at restore and status, the record explain compares against, and explain.
 
-After a restore, `after_restore` predicts from the restored target dir (real, normalized
-mtimes) and writes `<target>/.rsnap/prediction.json`: every unit's hash file as restored
+During a restore, once fingerprint files and normalized sources are in place and before the
+data files are written, `after_restore` predicts from the target root as the restore will leave
+it (real, normalized source mtimes) and writes `<target>/.rsnap/prediction.json`: every unit's hash file as restored
 (content, mtime, fingerprint JSON fields, dep-info/output mtime) and the prediction. `status`
 predicts from the snapshot's manifest (fingerprint files read from the store) and the working
 tree compared with the snapshot's source records, writing nothing. `explain` reads the record
@@ -81,13 +82,14 @@ def _predict(ws, m, inputs: dict, tree, view) -> dict:
             "summary": rebuild.summary(entries), "_units": units}
 
 
-def after_restore(ws, m, inputs: dict, changed_paths, snapshot: str) -> dict:
-    """Predict after a restore and record what explain needs; never fails the restore."""
-    tree = fpr.DiskTree(ws.target_dir)
+def after_restore(ws, m, inputs: dict, changed_paths, snapshot: str, tree=None) -> dict:
+    """Predict for a restore and record what explain needs. `tree`: the target root as the restore
+    leaves it (rsnap.snapshot.partial.PlannedTree, read before the data files are written), else
+    the target dir on disk. The result keeps the units read (`_units`) for a partial restore."""
+    tree = tree if tree is not None else fpr.DiskTree(ws.target_dir)
     out = _predict(ws, m, inputs, tree, rebuild.RestoredSources(ws, m.sources, changed_paths))
-    units = out.pop("_units")
     write_record(ws, {"snapshot": snapshot, "predicted": True, "rebuild": out["rebuild"],
-                      "units": {u.hash_rel: rebuild.unit_record(tree, u) for u in units}})
+                      "units": {u.hash_rel: rebuild.unit_record(tree, u) for u in out["_units"]}})
     return out
 
 

@@ -22,7 +22,7 @@ from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import manifest as mf, repo, transfer
-from . import clock, scan, settled
+from . import clock, partial, scan, settled
 from .plan import RestorePlan, merge_subtrees, plan_root, settled_plan
 from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
 
@@ -38,14 +38,17 @@ class RestoreStats:
         self.metadata_fixed = 0
 
 
-def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None = None) -> dict:
-    """Hold cargo's locks (build dirs, package cache) for the whole restore, planning included."""
+def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None = None,
+            predict_with: Callable | None = None) -> dict:
+    """Hold cargo's locks (build dirs, package cache) for the whole restore, planning included.
+    `predict_with(tree, changed_paths)`: the rebuild prediction (rsnap.snapshot.predict), made
+    before the data files are written; with it, a partial restore (rsnap.snapshot.partial)."""
     locks = cargo_lock_files(ws, m) + [ws.cargo_home / ".package-cache", ws.cargo_home / ".package-cache-mutate"]
     with cargo_locks(locks, exclusive=True):
-        return _restore(ws, store, snapshot_name, m, progress)
+        return _restore(ws, store, snapshot_name, m, progress, predict_with)
 
 
-def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None) -> dict:
+def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None, predict_with) -> dict:
     started = time.monotonic()
     stats = RestoreStats()
     shift = clock.shift_for(m)
@@ -82,16 +85,23 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         for plan in plans:
             _clear_the_way(plan, stats)
         timings.mark("prepare")
-        held_back = _write_files(store, m, plans, stats, bar)
-        timings.mark("write")
+        # Fingerprint files first (under temp names), then sources normalized: together they tell
+        # which units the coming build will rebuild, which the data files then leave out.
+        held_back = _write_files(store, m, plans, stats, bar, last=True)
         try:
-            for plan in plans:
-                _write_links_and_meta(plan, stats)
-            timings.mark("links_meta")
+            timings.mark("write_fingerprints")
             # Sources are normalized before fingerprints are put in place: an interruption before
             # this point leaves no fingerprint that could vouch for a source not yet re-timed.
             retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest, m.source_links)
             timings.mark("sources")
+            prediction, skip = _predict_and_skip(ws, snapshot_name, m, plans, held_back, retime, predict_with)
+            held_back = _leave_out(skip, plans, held_back, bar)
+            timings.mark("predict")
+            held_back += _write_files(store, m, plans, stats, bar, last=False)
+            timings.mark("write")
+            for plan in plans:
+                _write_links_and_meta(plan, stats)
+            timings.mark("links_meta")
             _put_in_place(held_back, plans)
         except BaseException:
             _discard(held_back)
@@ -102,6 +112,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         rustc_info.put_back(paths, m.rustc_info)  # into a root this restore made
         bar.finish()
         timings.mark("fingerprints_dirs")
+        partial.write_record(ws.target_dir, snapshot_name, m, skip)  # or forget an older one
         for plan in plans:
             if not plan.root.merge:
                 info = plan.spec_path / layout.RSNAP_DIR / RESTORED_INFO
@@ -125,7 +136,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             "files_removed": stats.files_removed, "files_unchanged": stats.files_unchanged,
             "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(), "settled_roots": sorted(unchanged),
             "clock_shift_seconds": round(shift / 1e9, 3),
-            "changed_sources": retime.changed_paths,  # popped by the caller (rebuild prediction)
+            "skipped": skip.as_dict(), "prediction": prediction,  # popped by the caller
             "seconds": round(time.monotonic() - started, 3)}
 
 
@@ -288,20 +299,21 @@ TASK_COST = 4 << 20     # split restore work into tasks of about this cost (byte
 FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as much as writing 256 KiB
 
 
-def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar) -> list[_File]:
-    """Step 3: write every file, in size-balanced tasks on a thread pool. Data files are renamed
-    into place; files written last (fingerprints, .cargo-ok) are returned still under their
-    temp names, for `_put_in_place` after sources are normalized."""
+def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar, last: bool) -> list[_File]:
+    """Step 3: write the files written last (`last`: fingerprints, .cargo-ok), or the data files,
+    in size-balanced tasks on a thread pool. Data files are renamed into place; files written
+    last are returned still under their temp names, for `_put_in_place` after sources are
+    normalized. Dirs are made with the data files."""
     files = []
     for plan in plans:
         dirs = _SafeDirs(plan.spec_path, _trusted_depth(plan))
         root = str(plan.spec_path)
         for e in plan.write:
-            if e.type == "d":
+            if e.type == "d" and not last:
                 dirs.make(e.path)
-            elif e.type == "f":
+            elif e.type == "f" and _written_last(e.path) == last:
                 dirs.make(e.path.rpartition("/")[0])
-                files.append(_File(root, e, _written_last(e.path)))
+                files.append(_File(root, e, last))
     held_back: list[_File] = []
 
     def run(task: _Task) -> _Task:
@@ -334,6 +346,43 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
         transfer.close(store)
     pool.shutdown()
     return held_back
+
+
+def _predict_and_skip(ws, snapshot_name: str, m: mf.Manifest, plans: list[RestorePlan], held_back: list[_File],
+                      retime, predict_with) -> tuple[dict | None, partial.Skip]:
+    """The rebuild prediction, from the target root as it will be (fingerprint files written under
+    temp names, sources normalized), and what the data writes may leave out (rsnap.snapshot.partial)."""
+    skip = partial.Skip()
+    plan = next((p for p in plans if p.root.name == "target"), None)
+    if predict_with is None or plan is None:
+        return None, skip
+    held = {f.entry.path: _temp_name(f.dest) for f in held_back if f.root == str(plan.spec_path)}
+    tree = partial.PlannedTree(plan.spec_path, plan.root, held)
+    prediction = predict_with(tree, retime.changed_paths)
+    units = prediction.pop("_units", None)
+    if units and prediction.get("rebuild") is not None and not plan.settled and partial.enabled():
+        skip = partial.choose(plan.spec_path, plan.root, plan.write, units, prediction["rebuild"], held)
+    return prediction, skip
+
+
+def _leave_out(skip: partial.Skip, plans: list[RestorePlan], held_back: list[_File], bar) -> list[_File]:
+    """Drop what the partial restore leaves out from the target plan (its fingerprint files,
+    already written under temp names, are deleted: those units keep no fingerprint)."""
+    if not skip:
+        return held_back
+    gone = {e.path for e in skip.entries}
+    plan = next(p for p in plans if p.root.name == "target")
+    plan.write = [skip.rewrites.get(e.path, e) for e in plan.write if e.path not in gone]
+    target = str(plan.spec_path)
+    kept = []
+    for f in held_back:
+        if f.root == target and f.entry.path in gone:
+            with contextlib.suppress(OSError):
+                os.unlink(_temp_name(f.dest))
+        else:
+            kept.append(f)
+    bar.total -= skip.bytes
+    return kept
 
 
 def _ranges(m: mf.Manifest, tasks: list[_Task]):

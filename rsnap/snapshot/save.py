@@ -19,7 +19,7 @@ from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..store import chunking, manifest as mf, repo
-from . import scan, settled
+from . import partial, scan, settled
 from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
 
 class SaveStats:
@@ -73,6 +73,9 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
             for digest in list(blobs):
                 if blobs[digest] is None:
                     blobs[digest] = writer.locations[digest]
+            carried = _carry_over(ws, store, roots, blobs, chunks)
+            stats.files += carried["files"]
+            stats.bytes_total += carried["bytes"]
             _check_complete(blobs, chunks)
             bar.finish()
             m = mf.Manifest(
@@ -98,8 +101,28 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
         timings.mark("settled")
     stats.bytes_written += writer.bytes_written
     stats.packs_written = writer.packs_written
-    return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__,
+    return {"result": "saved", "key": key, "snapshot": name, **stats.__dict__, "carried_over": carried,
             "sources": len(sources), "seconds": round(time.monotonic() - started, 3)}
+
+
+def _carry_over(ws, store, roots: list[mf.Root], blobs: dict, chunks: dict) -> dict:
+    """Incremental dirs the last (partial) restore left out and nobody recreated since go into
+    this snapshot as they were (rsnap.snapshot.partial), if their packs are still in the store."""
+    target = next((r for r in roots if r.name == "target"), None)
+    if target is None:
+        return {"dirs": 0, "files": 0, "bytes": 0}
+    dirs, entries, more_blobs, more_chunks = partial.carried_over(ws.target_dir, target.entries)
+    packs = sorted({loc[0] for loc in more_blobs.values()})
+    if not entries or store.missing([repo.pack_name(p) for p in packs]):
+        return {"dirs": 0, "files": 0, "bytes": 0}
+    target.entries.extend(entries)
+    for digest, loc in more_blobs.items():
+        blobs.setdefault(digest, loc)
+    for digest, parts in more_chunks.items():
+        chunks.setdefault(digest, parts)
+    files = [e for e in entries if e.type in ("f", "h")]
+    return {"dirs": len(dirs),
+            "files": len(files), "bytes": sum(e.size for e in files)}
 
 
 def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:

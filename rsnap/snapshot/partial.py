@@ -1,0 +1,316 @@
+"""Partial restore: leave out of the target dir what the coming build replaces or never reads
+(docs/design.md, "Restoring only what the build reads").
+
+Two kinds of entries are left out, decided after the fingerprint files are written (under temp
+names) and the sources are normalized, before any other file is written:
+
+* whole *units certain to rebuild*: a unit whose dep-info names a source whose content changed
+  (or that is gone), and every unit depending on one of those. All of the unit's files go,
+  fingerprint files included, and the hard-link groups (uplifts) touching it: cargo rebuilds a
+  unit without a fingerprint, then its dependents, so this can never make a build stale. A
+  later save simply does not have them: they are stale against the sources that save records,
+  so any runner restoring that snapshot would rebuild them anyway.
+* *idle incremental dirs*: `<profile>/incremental/<crate>-<id>/` of crates no predicted rebuild
+  compiles. rustc validates incremental state and a missing dir only costs a full compile of that
+  crate, so a wrong prediction costs time, never correctness. Restore lists them in
+  `<target>/.rsnap/unmaterialized.json` (entries and blob locations) and a later save carries a
+  listed dir over while it is still absent, so the next runner loses nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ..cargo import fingerprints as fpr
+from ..cargo.layout import RSNAP_DIR
+from ..store import manifest as mf
+
+RECORD = "unmaterialized.json"
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_HASHED = re.compile(r"^.+-([0-9a-f]{16})(?:\..*)?$")
+NON_COMPILING = ("run-build-script",)
+
+
+def enabled() -> bool:
+    return os.environ.get("RSNAP_FULL_RESTORE", "") in ("", "0", "false", "off", "no")
+
+
+class PlannedTree:
+    """The target root as this restore will leave it, readable before the data files are written:
+    fingerprint files from their temp names (written already) or from disk (kept), mtimes from
+    the manifest (restore sets exactly those)."""
+
+    def __init__(self, root_path, root: mf.Root, held: dict[str, str]):
+        self.root = str(root_path)
+        self.entries = {e.path: e for e in root.entries}
+        self.held = held     # rel path -> temp file holding its content
+
+    def fingerprint_files(self):
+        return [p for p, e in self.entries.items() if e.type in ("f", "h") and fpr.fingerprint_dir_of(p)]
+
+    def _file(self, rel: str):
+        e = self.entries.get(rel)
+        if e is not None and e.type == "h":
+            e = self.entries.get(e.digest)
+        return e if e is not None and e.type == "f" else None
+
+    def read(self, rel: str) -> bytes | None:
+        if self._file(rel) is None:
+            return None
+        try:
+            return fpr.read_noatime(self.held.get(rel) or f"{self.root}/{rel}")
+        except OSError:
+            return None
+
+    def mtime(self, rel: str) -> int | None:
+        e = self._file(rel)
+        return e.mtime_ns if e is not None else None
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.entries
+
+
+class Skip:
+    """What this restore leaves out of the target root."""
+
+    def __init__(self):
+        self.units: set[tuple[str, str]] = set()    # (profile dir, unit hash)
+        self.crate_dirs: set[str] = set()           # <profile>/incremental/<crate>-<id>
+        self.entries: list[mf.Entry] = []           # every entry left out
+        self.rewrites: dict[str, mf.Entry] = {}     # entries written differently (split hard-link groups)
+        self.bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.units or self.crate_dirs)
+
+    def as_dict(self) -> dict:
+        return {"units": len(self.units), "incremental_dirs": len(self.crate_dirs),
+                "files": sum(e.type in ("f", "h") for e in self.entries), "bytes": self.bytes}
+
+
+def unit_of(rel: str, profiles: set[str]) -> tuple[str, str] | None:
+    """(profile dir, unit hash) of a path a unit owns: its fingerprint dir, `build/<pkg>-<hash>/`,
+    v2 `build/<pkg>/<hash>/`, and `deps/`, `examples/`, `native/` files named `<name>-<hash>[.ext]`."""
+    for profile in _profiles_of(rel, profiles):
+        parts = rel[len(profile) + 1:].split("/") if profile else rel.split("/")
+        if len(parts) < 2:
+            continue
+        top, name = parts[0], parts[1]
+        if top == ".fingerprint" or (top == "build" and not _HEX16.match(parts[2] if len(parts) > 2 else "")):
+            m = re.match(r"^.+-([0-9a-f]{16})$", name)
+            if m:
+                return profile, m.group(1)
+        if top == "build" and len(parts) > 2 and _HEX16.match(parts[2]):
+            return profile, parts[2]
+        if top in ("deps", "examples", "native"):
+            m = _HASHED.match(name)
+            if m:
+                return profile, m.group(1)
+    return None
+
+
+def _profiles_of(rel: str, profiles: set[str]):
+    for p in profiles:
+        if (rel.startswith(p + "/") if p else True):
+            yield p
+
+
+def crate_dir_of(rel: str, profiles: set[str]) -> tuple[str, str, str] | None:
+    """(crate dir, profile dir, crate name) of a path in `<profile>/incremental/<crate>-<id>/`."""
+    for profile in _profiles_of(rel, profiles):
+        parts = rel[len(profile) + 1:].split("/") if profile else rel.split("/")
+        if len(parts) >= 2 and parts[0] == "incremental" and "-" in parts[1]:
+            prefix = f"{profile}/incremental/{parts[1]}" if profile else f"incremental/{parts[1]}"
+            return prefix, profile, parts[1].rsplit("-", 1)[0]
+    return None
+
+
+def _crate(u: fpr.Unit) -> str | None:
+    return None if u.kind in NON_COMPILING else u.target.replace("-", "_")
+
+
+def certain_rebuilds(units: list[fpr.Unit], rebuild: list[dict], held: dict[str, str]) -> set[tuple[str, str]]:
+    """Units whose sources changed (cargo compares mtimes and normalization pushed changed files
+    past every artifact), closed over their dependents; only units whose hash file this restore
+    writes (so none of them keeps a fingerprint on disk)."""
+    changed = {e["unit"] for e in rebuild if e.get("cause") == "files"}
+    skip = {u.hash_rel for u in units if u.unit_hash in changed and u.hash_rel in held}
+    by_fp = {u.fingerprint: u for u in units}
+    grew = True
+    while grew:
+        grew = False
+        for u in units:
+            if u.hash_rel in skip or u.hash_rel not in held:
+                continue
+            if any((d := by_fp.get(fp)) is not None and d.hash_rel in skip for _n, fp in u.dep_fingerprints()):
+                skip.add(u.hash_rel)
+                grew = True
+    return {(u.profile_dir, u.unit_hash) for u in units if u.hash_rel in skip}
+
+
+def choose(root_path, root: mf.Root, write: list[mf.Entry], units: list[fpr.Unit], rebuild: list[dict],
+           held: dict[str, str]) -> Skip:
+    """What to leave out of `write` (the target root's plan), given the restore's prediction."""
+    skip = Skip()
+    if not units:
+        return skip
+    profiles = {u.profile_dir for u in units}
+    skip.units = certain_rebuilds(units, rebuild, held)
+    predicted = {e["unit"] for e in rebuild} | {h for _p, h in skip.units}
+    compiles, busy = set(), set()
+    for u in units:
+        if (c := _crate(u)) is not None:
+            compiles.add((u.profile_dir, c))
+            if u.unit_hash in predicted:
+                busy.add((u.profile_dir, c))
+    for e in write:
+        where = crate_dir_of(e.path, profiles)
+        if where is not None and where[0] not in skip.crate_dirs:
+            crate_dir, profile, crate = where
+            if (profile, crate) in compiles and (profile, crate) not in busy \
+                    and not os.path.lexists(f"{root_path}/{crate_dir}"):
+                skip.crate_dirs.add(crate_dir)
+    left_out = _left_out_paths(root, write, skip, profiles)
+    entries = {e.path: e for e in root.entries}
+    skip.entries = [_record_form(e, entries, left_out) for e in write if e.path in left_out]
+    skip.bytes = sum(e.size for e in write if e.path in left_out and e.type == "f") - \
+        sum(e.size for e in skip.rewrites.values() if e.type == "f")
+    return skip
+
+
+def _left_out_paths(root: mf.Root, write: list[mf.Entry], skip: Skip, profiles: set[str]) -> set[str]:
+    """Paths of `write` left out; fills `skip.rewrites` for hard-link groups split by it."""
+    out = set()
+    for e in write:
+        owner = unit_of(e.path, profiles)
+        if owner is not None and owner in skip.units:
+            out.add(e.path)
+        elif (where := crate_dir_of(e.path, profiles)) is not None and where[0] in skip.crate_dirs:
+            out.add(e.path)
+    entries = {e.path: e for e in root.entries}
+    groups: dict[str, list[str]] = {}
+    for e in root.entries:
+        if e.type == "h":
+            groups.setdefault(e.digest, [e.digest]).append(e.path)
+    in_write = {e.path for e in write}
+    for primary, members in groups.items():
+        if any(unit_of(p, profiles) in skip.units for p in members):
+            # an uplift goes with its unit; a name in an incremental session that stays, stays
+            out.update(p for p in members if p in in_write and (
+                (where := crate_dir_of(p, profiles)) is None or where[0] in skip.crate_dirs))
+        needed = [p for p in members if p not in out]
+        if len(needed) == len(members) or not needed or primary not in out:
+            continue
+        # rustc hard-links a crate's .rmeta into its incremental session: the deps/ name stays,
+        # as a file of its own (the left-out session keeps its name in the record, as a file too)
+        first, content = needed[0], entries[primary]
+        skip.rewrites[first] = mf.Entry(first, "f", content.mode, content.size, entries[first].mtime_ns, content.digest)
+        for p in needed[1:]:
+            skip.rewrites[p] = entries[p]._replace(digest=first)
+    return out
+
+
+def _record_form(e: mf.Entry, entries: dict[str, mf.Entry], left_out: set[str]) -> mf.Entry:
+    """A left-out hard link whose file is written (or kept) stands on its own in the record."""
+    if e.type == "h" and e.digest not in left_out:
+        content = entries[e.digest]
+        return mf.Entry(e.path, "f", e.mode, content.size, e.mtime_ns, content.digest)
+    return e
+
+
+# ---------------------------------------------------------------- the record a save carries over
+
+def record_path(target_dir) -> str:
+    return os.path.join(str(target_dir), RSNAP_DIR, RECORD)
+
+
+def write_record(target_dir, snapshot: str, m: mf.Manifest, skip: Skip) -> None:
+    """Remember the idle incremental dirs left out (entries, blob locations) for the next save."""
+    path = record_path(target_dir)
+    if not skip.crate_dirs:
+        forget(target_dir)
+        return
+    entries = [e.to_list() for e in skip.entries if _under_any(e.path, skip.crate_dirs)]
+    blobs, chunks = {}, {}
+    for e in skip.entries:
+        if e.type != "f":
+            continue
+        if e.digest in m.chunks:
+            chunks[e.digest] = m.chunks[e.digest]
+            for part in m.chunks[e.digest]:
+                blobs[part] = m.blobs[part]
+        elif e.digest in m.blobs:
+            blobs[e.digest] = m.blobs[e.digest]
+    doc = {"snapshot": snapshot, "crate_dirs": sorted(skip.crate_dirs), "entries": entries,
+           "blobs": blobs, "chunks": chunks}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def _profile_of_dir(crate_dir: str) -> str:
+    return crate_dir.rsplit("/incremental/", 1)[0] if "/incremental/" in crate_dir else ""
+
+
+def forget(target_dir) -> None:
+    try:
+        os.unlink(record_path(target_dir))
+    except FileNotFoundError:
+        pass
+
+
+def carried_over(target_dir, root_entries: list[mf.Entry]) -> tuple[list[str], list[mf.Entry], dict, dict]:
+    """For a save: the entries, blob locations and chunk lists of the incremental dirs the last
+    restore left out that are still absent (rustc did not recompile those crates) and whose crate
+    a unit in the target dir still compiles. Any doubt (unreadable record, an entry in conflict
+    with the walk) carries nothing over: the cost is a cold incremental compile, never a wrong one.
+    Returns (crate dirs, entries, blobs, chunks)."""
+    try:
+        with open(record_path(target_dir)) as f:
+            doc = json.load(f)
+        dirs = [d for d in doc["crate_dirs"] if isinstance(d, str)]
+        raw_entries, blobs, chunks = doc["entries"], doc["blobs"], doc["chunks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], [], {}, {}
+    on_disk = {e.path for e in root_entries}
+    live = _crates_with_units(target_dir)
+    keep = set()
+    for d in dirs:
+        profile = _profile_of_dir(d)
+        crate = d.rsplit("/", 1)[-1].rsplit("-", 1)[0]
+        if not os.path.lexists(os.path.join(str(target_dir), d)) and (profile, crate) in live and d not in on_disk:
+            keep.add(d)
+    try:  # the record is checked like a manifest read from the store: a save must not write a bad one
+        blobs, chunks = mf._check_blobs(blobs), mf._check_chunks(chunks, blobs)
+        sizes = {digest: mf.chunked_size(parts, blobs) for digest, parts in chunks.items()}
+        carried = [e for e in (mf._entry(x, blobs, sizes) for x in raw_entries if isinstance(x, list) and x
+                               and isinstance(x[0], str) and _under_any(x[0], keep))]
+    except (mf.FormatError, KeyError, TypeError, ValueError):
+        return [], [], {}, {}
+    paths = {e.path for e in carried}
+    if any(e.type == "h" and e.digest not in paths for e in carried) or paths & on_disk:
+        return [], [], {}, {}
+    used_chunks = {e.digest: chunks[e.digest] for e in carried if e.type == "f" and e.digest in chunks}
+    digests = {e.digest for e in carried if e.type == "f" and e.digest not in chunks}
+    digests |= {p for parts in used_chunks.values() for p in parts}
+    return sorted(keep), carried, {d: blobs[d] for d in digests}, used_chunks
+
+
+def _under_any(path: str, dirs: set[str]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
+
+
+def _crates_with_units(target_dir) -> set[tuple[str, str]]:
+    """(profile dir, crate) of every compiling unit whose hash file is in the target dir now."""
+    out = set()
+    for rel in fpr.DiskTree(target_dir).fingerprint_files():
+        where = fpr.fingerprint_dir_of(rel)
+        name = rel.rsplit("/", 1)[-1]
+        if where is None or name.endswith(".json") or name.startswith(("dep-", "output-")):
+            continue
+        kt = fpr.split_kind(name)
+        if kt is not None and kt[0] not in NON_COMPILING:
+            out.add((where[3], kt[1].replace("-", "_")))
+    return out
