@@ -96,8 +96,9 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     with locked(ws.target_dir / RSNAP_DIR / "lock", f"target dir {ws.target_dir}"):
         was_interrupted = restore_interrupted(ws)
         try:
+            settings = _settings(ws, m, inputs)
             out = restore_snapshot(ws, st, name, m, progress=None if not (as_json or quiet) else False,
-                                   predict_with=lambda tree, changed: _predict(ws, m, inputs, changed, name, tree))
+                                   predict_with=lambda tree, changed: _predict(ws, m, inputs, changed, name, tree, settings))
             prediction = out.pop("prediction") or {"rebuild": None, "notes": ["no target dir in the snapshot"]}
             record_key()  # the next `rsnap save` in this target dir uses the key looked up here
         except StoreError as e:
@@ -158,12 +159,25 @@ def _timings() -> dict:
     return out
 
 
-def _predict(ws, m, inputs, changed_sources, name, tree) -> dict:
+def _settings(ws, m, inputs):
+    """The prediction's build settings, found before the restore holds cargo's locks (None: failed)."""
+    from ..snapshot import predict
+    try:
+        return predict.settings_before_restore(ws, m, inputs)
+    except Exception:  # noqa: BLE001 - the prediction then fails alone (see _predict)
+        if os.environ.get("RSNAP_DEBUG"):
+            raise
+        return None
+
+
+def _predict(ws, m, inputs, changed_sources, name, tree, settings) -> dict:
     """Which units cargo will rebuild and why (rsnap.snapshot.predict), with the units read
     (`_units`, for a partial restore); never fails a restore (no prediction: a full restore)."""
     from ..snapshot import predict
     try:
-        out = predict.after_restore(ws, m, inputs, changed_sources, name, tree)
+        if settings is None:
+            raise RuntimeError("build settings could not be read before the restore")
+        out = predict.after_restore(ws, m, inputs, changed_sources, name, tree, settings)
     except Exception as e:  # noqa: BLE001 - a prediction bug must not cost the job its cache
         if os.environ.get("RSNAP_DEBUG"):
             raise

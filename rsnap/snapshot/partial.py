@@ -37,9 +37,9 @@ def enabled() -> bool:
 
 
 class PlannedTree:
-    """The target root as this restore will leave it, readable before the data files are written:
-    fingerprint files from their temp names (written already) or from disk (kept), mtimes from
-    the manifest (restore sets exactly those)."""
+    """The target root as this restore will leave it, readable before most data files are written:
+    fingerprint files from their temp names (written already), dep-info and kept files from disk,
+    mtimes from the manifest (restore sets exactly those)."""
 
     def __init__(self, root_path, root: mf.Root, held: dict[str, str]):
         self.root = str(root_path)

@@ -68,9 +68,16 @@ def key_differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _predict(ws, m, inputs: dict, tree, view) -> dict:
+def settings_before_restore(ws, m, inputs: dict):
+    """What the next build will hash differently (rsnap.cargo.rebuild.build_settings), found before
+    the restore takes cargo's locks: it may run `cargo metadata`, which would wait for them."""
+    return rebuild.build_settings(ws, m.key_inputs or {}, inputs, rebuild.WorkingTreeSources(ws, m.sources))
+
+
+def _predict(ws, m, inputs: dict, tree, view, settings=None) -> dict:
     units = fpr.read_units(tree)
-    settings = rebuild.build_settings(ws, m.key_inputs or {}, inputs, view)
+    if settings is None:
+        settings = rebuild.build_settings(ws, m.key_inputs or {}, inputs, view)
     entries = rebuild.Predictor(ws, units, tree, view, settings).run()
     for e in entries:
         e.pop("roots", None) if e.get("cause") != "dependency" else None
@@ -82,12 +89,12 @@ def _predict(ws, m, inputs: dict, tree, view) -> dict:
             "summary": rebuild.summary(entries), "_units": units}
 
 
-def after_restore(ws, m, inputs: dict, changed_paths, snapshot: str, tree=None) -> dict:
+def after_restore(ws, m, inputs: dict, changed_paths, snapshot: str, tree=None, settings=None) -> dict:
     """Predict for a restore and record what explain needs. `tree`: the target root as the restore
     leaves it (rsnap.snapshot.partial.PlannedTree, read before the data files are written), else
     the target dir on disk. The result keeps the units read (`_units`) for a partial restore."""
     tree = tree if tree is not None else fpr.DiskTree(ws.target_dir)
-    out = _predict(ws, m, inputs, tree, rebuild.RestoredSources(ws, m.sources, changed_paths))
+    out = _predict(ws, m, inputs, tree, rebuild.RestoredSources(ws, m.sources, changed_paths), settings)
     write_record(ws, {"snapshot": snapshot, "predicted": True, "rebuild": out["rebuild"],
                       "units": {u.hash_rel: rebuild.unit_record(tree, u) for u in out["_units"]}})
     return out

@@ -85,9 +85,9 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         for plan in plans:
             _clear_the_way(plan, stats)
         timings.mark("prepare")
-        # Fingerprint files first (under temp names), then sources normalized: together they tell
-        # which units the coming build will rebuild, which the data files then leave out.
-        held_back = _write_files(store, m, plans, stats, bar, last=True)
+        # Fingerprint files (under temp names) and dep-info first, then sources normalized: together
+        # they tell which units the coming build will rebuild, which the other files then leave out.
+        held_back = _write_files(store, m, plans, stats, bar, first=True)
         try:
             timings.mark("write_fingerprints")
             # Sources are normalized before fingerprints are put in place: an interruption before
@@ -97,7 +97,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             prediction, skip = _predict_and_skip(ws, snapshot_name, m, plans, held_back, retime, predict_with)
             held_back = _leave_out(skip, plans, held_back, bar)
             timings.mark("predict")
-            held_back += _write_files(store, m, plans, stats, bar, last=False)
+            held_back += _write_files(store, m, plans, stats, bar, first=False)
             timings.mark("write")
             for plan in plans:
                 _write_links_and_meta(plan, stats)
@@ -299,21 +299,27 @@ TASK_COST = 4 << 20     # split restore work into tasks of about this cost (byte
 FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as much as writing 256 KiB
 
 
-def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar, last: bool) -> list[_File]:
-    """Step 3: write the files written last (`last`: fingerprints, .cargo-ok), or the data files,
+def _written_first(rel: str) -> bool:
+    """What the rebuild prediction reads (before the other data files are written): the files
+    written last, and rustc's makefile dep-info of each unit (a registry unit's version)."""
+    return _written_last(rel) or (rel.endswith(".d") and ("/deps/" in rel or "/build/" in rel))
+
+
+def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar, first: bool) -> list[_File]:
+    """Step 3: write the files written first (`first`, see `_written_first`), or the others,
     in size-balanced tasks on a thread pool. Data files are renamed into place; files written
     last are returned still under their temp names, for `_put_in_place` after sources are
-    normalized. Dirs are made with the data files."""
+    normalized. Dirs are made with the other files."""
     files = []
     for plan in plans:
         dirs = _SafeDirs(plan.spec_path, _trusted_depth(plan))
         root = str(plan.spec_path)
         for e in plan.write:
-            if e.type == "d" and not last:
+            if e.type == "d" and not first:
                 dirs.make(e.path)
-            elif e.type == "f" and _written_last(e.path) == last:
+            elif e.type == "f" and _written_first(e.path) == first:
                 dirs.make(e.path.rpartition("/")[0])
-                files.append(_File(root, e, last))
+                files.append(_File(root, e, _written_last(e.path)))
     held_back: list[_File] = []
 
     def run(task: _Task) -> _Task:
@@ -361,7 +367,12 @@ def _predict_and_skip(ws, snapshot_name: str, m: mf.Manifest, plans: list[Restor
     prediction = predict_with(tree, retime.changed_paths)
     units = prediction.pop("_units", None)
     if units and prediction.get("rebuild") is not None and not plan.settled and partial.enabled():
-        skip = partial.choose(plan.spec_path, plan.root, plan.write, units, prediction["rebuild"], held)
+        try:
+            skip = partial.choose(plan.spec_path, plan.root, plan.write, units, prediction["rebuild"], held)
+        except Exception as e:  # noqa: BLE001 - a bug here must cost bytes written, not the restore
+            if os.environ.get("RSNAP_DEBUG"):
+                raise
+            prediction.setdefault("notes", []).append(f"partial restore skipped: {type(e).__name__}: {e}")
     return prediction, skip
 
 
@@ -374,6 +385,9 @@ def _leave_out(skip: partial.Skip, plans: list[RestorePlan], held_back: list[_Fi
     plan = next(p for p in plans if p.root.name == "target")
     plan.write = [skip.rewrites.get(e.path, e) for e in plan.write if e.path not in gone]
     target = str(plan.spec_path)
+    for rel in gone:
+        if _written_first(rel) and not _written_last(rel):
+            _remove_path(plan.spec_path / rel)  # a left-out unit's dep-info, read by the prediction
     kept = []
     for f in held_back:
         if f.root == target and f.entry.path in gone:
