@@ -87,6 +87,7 @@ def ci_workspace(registry, gitdep_url, tmp_path_factory):
     ws = create_workspace(tmp_path_factory.mktemp("prop") / "ws", registry.index_url, gitdep_url)
     ws.git("tag", "origin-initial")
     ws.git("push", "-q", "origin", "origin-initial")
+    ws.unbuilt_snapshots = set()  # saved after building part of the workspace, or nothing
     return ws, ws.root.parent / "store"
 
 
@@ -111,7 +112,10 @@ def test_restored_build_is_never_stale(ci_workspace, steps):
             # partial restore left out as it was: the next run must still be right
             if builds == "core":
                 ws.build("build", "-p", "ws-core")
-            rsnap(ws, store, "save", "--json").check()
+            saved = rsnap(ws, store, "save", "--json").check().data
+            # units stale in such a snapshot are not predicted (prediction assumes a snapshot
+            # saved right after a build of everything); explain still has to be exact
+            ws.unbuilt_snapshots.add(saved["snapshot"])
             ws.commit(f"ci run {ops} (built {builds})")
             continue
         build = ws.build("build")
@@ -119,7 +123,7 @@ def test_restored_build_is_never_stale(ci_workspace, steps):
         # the restore's prediction too, unless the edits came after it (it cannot know those)
         explained = rsnap(ws, store, "explain", "--json").check().data
         assert rebuild_sets(explained["rebuilt"]) == cargo_sets(build), (ops, explained["rebuilt"], build.summary())
-        if not edit_after_restore and restored["result"] != "miss":
+        if not edit_after_restore and restored["result"] != "miss" and restored["snapshot"] not in ws.unbuilt_snapshots:
             assert rebuild_sets(restored["rebuild"]) == cargo_sets(build), (ops, restored["rebuild"], build.summary())
             assert explained["mispredicted"] == [], (ops, explained["mispredicted"])
         expected = ws.clean_output()
