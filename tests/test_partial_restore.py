@@ -102,6 +102,10 @@ def test_save_after_partial_restore_carries_the_left_out_dirs_over(saved, tmp_pa
     assert out["carried_over"]["dirs"] == skipped >= 2, out["carried_over"]
     again = rsnap(ws, store, "save", "--json").check().data  # the record stays good for a retried save
     assert again["carried_over"] == out["carried_over"]
+    # a persistent runner: the target is settled with the dirs still left out, and stays so
+    settled = rsnap(ws, store, "restore", "--json").check().data
+    assert "target" in settled["settled_roots"] and settled["files_written"] == 0, settled
+    assert rsnap(ws, store, "save", "--json").check().data["carried_over"] == out["carried_over"]
     cold_runner(ws)
     rsnap(ws, store, "restore", "--json", env_extra=FULL).check()
     assert tree_digests(ws.target / "debug" / "incremental") == incr

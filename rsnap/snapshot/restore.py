@@ -112,7 +112,8 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         rustc_info.put_back(paths, m.rustc_info)  # into a root this restore made
         bar.finish()
         timings.mark("fingerprints_dirs")
-        partial.write_record(ws.target_dir, snapshot_name, m, skip)  # or forget an older one
+        if "target" not in unchanged:  # a settled target keeps its record (it left out the same)
+            partial.write_record(ws.target_dir, snapshot_name, m, skip)  # or forgets an older one
         for plan in plans:
             if not plan.root.merge:
                 info = plan.spec_path / layout.RSNAP_DIR / RESTORED_INFO
@@ -125,7 +126,8 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         timings.mark("stat_cache")
         if caches or rearmed:
             settled.retimed(unchanged, rearmed)
-            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged)
+            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged,
+                           absent={"target": {e.path for e in skip.entries}})
         timings.mark("settled")
         faults.point("restore.done")
         for marker in markers:

@@ -97,7 +97,8 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
         # a persistent runner's next restore of this snapshot need not compare anything
         m.raw_digest = settled.manifest_digest(data)
         settled.record(ws, name, m, {s.name: s for s in root_specs(ws, home_excluded)},
-                       {job.spec.name: job.cache for job in jobs}, found={job.spec.name: job.found for job in jobs})
+                       {job.spec.name: job.cache for job in jobs}, found={job.spec.name: job.found for job in jobs},
+                       absent={"target": set(carried.pop("paths"))})
         timings.mark("settled")
     stats.bytes_written += writer.bytes_written
     stats.packs_written = writer.packs_written
@@ -110,19 +111,19 @@ def _carry_over(ws, store, roots: list[mf.Root], blobs: dict, chunks: dict) -> d
     this snapshot as they were (rsnap.snapshot.partial), if their packs are still in the store."""
     target = next((r for r in roots if r.name == "target"), None)
     if target is None:
-        return {"dirs": 0, "files": 0, "bytes": 0}
+        return {"dirs": 0, "files": 0, "bytes": 0, "paths": []}
     dirs, entries, more_blobs, more_chunks = partial.carried_over(ws.target_dir, target.entries)
     packs = sorted({loc[0] for loc in more_blobs.values()})
     if not entries or store.missing([repo.pack_name(p) for p in packs]):
-        return {"dirs": 0, "files": 0, "bytes": 0}
+        return {"dirs": 0, "files": 0, "bytes": 0, "paths": []}
     target.entries.extend(entries)
     for digest, loc in more_blobs.items():
         blobs.setdefault(digest, loc)
     for digest, parts in more_chunks.items():
         chunks.setdefault(digest, parts)
     files = [e for e in entries if e.type in ("f", "h")]
-    return {"dirs": len(dirs),
-            "files": len(files), "bytes": sum(e.size for e in files)}
+    return {"dirs": len(dirs), "files": len(files), "bytes": sum(e.size for e in files),
+            "paths": [e.path for e in entries]}
 
 
 def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:

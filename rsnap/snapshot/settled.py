@@ -159,11 +159,14 @@ def _unchanged(root: str, rec: dict) -> bool:
 # ---------------------------------------------------------------- recording
 
 def record(ws, name: str, m: mf.Manifest, specs: dict, caches: dict[str, scan.StatCache],
-           keep: dict[str, dict] | None = None, found: dict[str, list] | None = None) -> None:
+           keep: dict[str, dict] | None = None, found: dict[str, list] | None = None,
+           absent: dict[str, set[str]] | None = None) -> None:
     """Write the settled record for snapshot `name` (manifest `m`, which carries `raw_digest`).
     `specs`: root name -> RootSpec; `caches`: root name -> its stat cache as just written;
     `keep`: records of roots known unchanged (settled this restore), reused as they are;
-    `found`: root name -> the walk the manifest was made from (a save), else the roots are walked."""
+    `found`: root name -> the walk the manifest was made from (a save), else the roots are walked;
+    `absent`: root name -> entries a partial restore left out (rsnap.snapshot.partial), recorded as
+    absent: the root is settled while they stay absent (a restore would leave them out again)."""
     digest = getattr(m, "raw_digest", None)
     if digest is None:
         forget(ws)
@@ -174,13 +177,14 @@ def record(ws, name: str, m: mf.Manifest, specs: dict, caches: dict[str, scan.St
         if keep and root.name in keep:
             roots[root.name] = keep[root.name]
         elif spec is not None and root.name in caches:
-            rec = _record_root(spec, root, caches[root.name], (found or {}).get(root.name))
+            rec = _record_root(spec, root, caches[root.name], (found or {}).get(root.name),
+                               (absent or {}).get(root.name, set()))
             if rec is not None:
                 roots[root.name] = rec
     _write(ws, {"version": _VERSION, "rsnap": __version__, "snapshot": name, "manifest": digest, "roots": roots})
 
 
-def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None) -> dict | None:
+def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None, absent: set[str]) -> dict | None:
     """The expected stat of every path of a root that is verifiably as the manifest says, or None.
     A file's expected stat is its stat cache record, which maps exactly that stat to the manifest's
     digest (the cache's own trust rule); if the file changed since, its stat differs and the next
@@ -203,8 +207,13 @@ def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None)
             except OSError:
                 return None
     walked = {f.rel: f for f in (found if found is not None else scan.walk(spec.path, spec.subtrees, spec.exclude))}
+    left_out = 0
     for e in root.entries:
         f = walked.get(e.path)
+        if f is None and e.path in absent:
+            stats[e.path] = ABSENT
+            left_out += 1
+            continue
         if f is None:
             return None
         if e.type == mf.FILE:
@@ -224,7 +233,7 @@ def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None)
         if not ok:
             return None
         stats[e.path] = _found_key(f, dev)
-    if not root.merge and len(walked) != len(root.entries):
+    if not root.merge and len(walked) != len(root.entries) - left_out:
         return None  # something the snapshot lacks: restore would remove it
     for rel, f in walked.items():
         if rel not in stats:
