@@ -122,9 +122,17 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
-         f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
+         + _left_out_line(out["skipped"])
+         + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
          + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", [])), quiet)
     return st
+
+
+def _left_out_line(skipped: dict) -> str:
+    if not skipped["units"] and not skipped["incremental_dirs"]:
+        return ""
+    return (f"rsnap: left out what this build will not read: {skipped['units']} units that will rebuild, "
+            f"{skipped['incremental_dirs']} idle incremental dirs ({human_bytes(skipped['bytes'])})\n")
 
 
 def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] | None, key: str,
