@@ -204,6 +204,30 @@ def read_noatime(path) -> bytes:
         os.close(fd)
 
 
+class ManifestTree:
+    """A target root as a snapshot's entries describe it (path -> entry: `type`, `digest`,
+    `mtime_ns`); subclasses say where a file's bytes come from (`read`)."""
+
+    def __init__(self, entries):
+        self.entries = {e.path: e for e in entries}
+
+    def fingerprint_files(self):
+        return [p for p, e in self.entries.items() if e.type in ("f", "h") and fingerprint_dir_of(p)]
+
+    def _file(self, rel: str):
+        e = self.entries.get(rel)
+        if e is not None and e.type == "h":
+            e = self.entries.get(e.digest)
+        return e if e is not None and e.type == "f" else None
+
+    def mtime(self, rel: str) -> int | None:
+        e = self._file(rel)
+        return e.mtime_ns if e is not None else None
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.entries
+
+
 class DiskTree:
     """A target (or build) dir on disk."""
 

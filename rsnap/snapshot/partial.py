@@ -36,24 +36,15 @@ def enabled() -> bool:
     return os.environ.get("RSNAP_FULL_RESTORE", "") in ("", "0", "false", "off", "no")
 
 
-class PlannedTree:
+class PlannedTree(fpr.ManifestTree):
     """The target root as this restore will leave it, readable before most data files are written:
     fingerprint files from their temp names (written already), dep-info and kept files from disk,
     mtimes from the manifest (restore sets exactly those)."""
 
     def __init__(self, root_path, root: mf.Root, held: dict[str, str]):
+        super().__init__(root.entries)
         self.root = str(root_path)
-        self.entries = {e.path: e for e in root.entries}
         self.held = held     # rel path -> temp file holding its content
-
-    def fingerprint_files(self):
-        return [p for p, e in self.entries.items() if e.type in ("f", "h") and fpr.fingerprint_dir_of(p)]
-
-    def _file(self, rel: str):
-        e = self.entries.get(rel)
-        if e is not None and e.type == "h":
-            e = self.entries.get(e.digest)
-        return e if e is not None and e.type == "f" else None
 
     def read(self, rel: str) -> bytes | None:
         if self._file(rel) is None:
@@ -62,13 +53,6 @@ class PlannedTree:
             return fpr.read_noatime(self.held.get(rel) or f"{self.root}/{rel}")
         except OSError:
             return None
-
-    def mtime(self, rel: str) -> int | None:
-        e = self._file(rel)
-        return e.mtime_ns if e is not None else None
-
-    def exists(self, rel: str) -> bool:
-        return rel in self.entries
 
 
 class Skip:

@@ -22,36 +22,19 @@ RECORD = "prediction.json"
 KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env")
 
 
-class SnapshotTree:
+class SnapshotTree(fpr.ManifestTree):
     """The target root of a snapshot, read from the store (fingerprint files are small)."""
 
     def __init__(self, store, m):
-        self.store, self.m = store, m
         root = m.root("target")
-        self.entries = {e.path: e for e in (root.entries if root else [])}
-        self.packs: dict = {}
-
-    def fingerprint_files(self):
-        return [p for p, e in self.entries.items() if e.type in ("f", "h") and fpr.fingerprint_dir_of(p)]
-
-    def _file(self, rel: str):
-        e = self.entries.get(rel)
-        if e is not None and e.type == "h":
-            e = self.entries.get(e.digest)
-        return e if e is not None and e.type == "f" else None
+        super().__init__(root.entries if root else [])
+        self.store, self.m = store, m
 
     def read(self, rel: str) -> bytes | None:
         e = self._file(rel)
         if e is None or e.size > 1 << 20 or e.digest not in self.m.blobs:
             return None
         return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
-
-    def mtime(self, rel: str) -> int | None:
-        e = self._file(rel)
-        return e.mtime_ns if e is not None else None
-
-    def exists(self, rel: str) -> bool:
-        return rel in self.entries
 
 
 def key_differences(old: dict, new: dict) -> list[str]:
