@@ -41,18 +41,24 @@ class PlannedTree(fpr.ManifestTree):
     fingerprint files from their temp names (written already), dep-info and kept files from disk,
     mtimes from the manifest (restore sets exactly those)."""
 
-    def __init__(self, root_path, root: mf.Root, held: dict[str, str]):
+    def __init__(self, root_path, root: mf.Root, held: dict[str, str], store=None, m: mf.Manifest | None = None):
         super().__init__(root.entries)
         self.root = str(root_path)
         self.held = held     # rel path -> temp file holding its content
+        self.store, self.m = store, m  # for files an earlier partial restore left out (a settled root)
 
     def read(self, rel: str) -> bytes | None:
-        if self._file(rel) is None:
+        e = self._file(rel)
+        if e is None:
             return None
         try:
             return fpr.read_noatime(self.held.get(rel) or f"{self.root}/{rel}")
         except OSError:
+            pass
+        if self.store is None or e.size > 1 << 20 or e.digest not in self.m.blobs:
             return None
+        from ..store import repo
+        return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
 
 
 class Skip:

@@ -94,7 +94,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             # this point leaves no fingerprint that could vouch for a source not yet re-timed.
             retime = mtimes.normalize(ws, m.sources, m.source_dirs, newest, m.source_links)
             timings.mark("sources")
-            prediction, skip = _predict_and_skip(ws, snapshot_name, m, plans, held_back, retime, predict_with)
+            prediction, skip = _predict_and_skip(store, m, plans, held_back, retime, predict_with)
             held_back = _leave_out(skip, plans, held_back, bar)
             timings.mark("predict")
             held_back += _write_files(store, m, plans, stats, bar, first=False)
@@ -356,7 +356,7 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     return held_back
 
 
-def _predict_and_skip(ws, snapshot_name: str, m: mf.Manifest, plans: list[RestorePlan], held_back: list[_File],
+def _predict_and_skip(store, m: mf.Manifest, plans: list[RestorePlan], held_back: list[_File],
                       retime, predict_with) -> tuple[dict | None, partial.Skip]:
     """The rebuild prediction, from the target root as it will be (fingerprint files written under
     temp names, sources normalized), and what the data writes may leave out (rsnap.snapshot.partial)."""
@@ -365,7 +365,7 @@ def _predict_and_skip(ws, snapshot_name: str, m: mf.Manifest, plans: list[Restor
     if predict_with is None or plan is None:
         return None, skip
     held = {f.entry.path: _temp_name(f.dest) for f in held_back if f.root == str(plan.spec_path)}
-    tree = partial.PlannedTree(plan.spec_path, plan.root, held)
+    tree = partial.PlannedTree(plan.spec_path, plan.root, held, store, m)
     prediction = predict_with(tree, retime.changed_paths)
     units = prediction.pop("_units", None)
     if units and prediction.get("rebuild") is not None and not plan.settled and partial.enabled():
