@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import xxhash
@@ -47,10 +46,10 @@ def rustc_version(cwd: str | None = None) -> str:
     cmd = prefetch.rustc_version_cmd()
     try:
         code, stdout, stderr = prefetch.run(cmd, cwd, timeout=120)
+    except TimeoutError:
+        raise RsnapError(f"{cmd[0]} -vV did not answer in 120 s", EXIT_WORKSPACE) from None
     except OSError:
         raise RsnapError(f"{cmd[0]} was not found on PATH", EXIT_WORKSPACE) from None
-    except subprocess.TimeoutExpired:
-        raise RsnapError(f"{cmd[0]} -vV did not answer in 120 s", EXIT_WORKSPACE) from None
     if code != 0:
         raise RsnapError(f"{cmd[0]} -vV failed: {stderr.strip()[:200]}", EXIT_WORKSPACE)
     return stdout

@@ -7,9 +7,8 @@ process's result, or runs the command then and there.
 from __future__ import annotations
 
 import os
-import subprocess
 
-_started: dict[tuple, subprocess.Popen] = {}
+_started: dict = {}  # (cmd, cwd) -> subprocess.Popen (subprocess is imported when a command runs)
 _cached: dict[tuple, str] = {}   # (cmd, cwd) -> stdout, from rsnap.cargo.discovery_cache
 _results: list[list] = []        # [cmd, cwd, stdout] of this process's successful discovery commands
 _ran = [False]                   # did anything actually run (so the cache is worth rewriting)
@@ -20,6 +19,7 @@ def start(cmd: list[str], cwd: str | None = None) -> None:
     key = (tuple(cmd), cwd)
     if key in _started or key in _cached:
         return
+    import subprocess  # not imported by a call whose discovery is cached (~5 ms)
     try:
         _started[key] = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError:
@@ -28,12 +28,13 @@ def start(cmd: list[str], cwd: str | None = None) -> None:
 
 def run(cmd: list[str], cwd: str | None = None, timeout: float | None = None) -> tuple[int, str, str]:
     """(returncode, stdout, stderr) of cmd; raises OSError if it cannot be started and
-    subprocess.TimeoutExpired (after killing it) if it does not finish in time."""
+    TimeoutError (after killing it) if it does not finish in time."""
     key = (tuple(cmd), cwd)
     if key in _cached:
         out = _cached.pop(key)
         _results.append([cmd, cwd, out])
         return 0, out, ""
+    import subprocess
     start(cmd, cwd)
     proc = _started.pop(key, None)
     if proc is None:
@@ -43,7 +44,7 @@ def run(cmd: list[str], cwd: str | None = None, timeout: float | None = None) ->
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise
+        raise TimeoutError(f"{cmd[0]} did not answer in {timeout} s") from None
     if proc.returncode == 0 and (cmd[-1:] == ["-vV"] or ("metadata" in cmd and "--no-deps" in cmd)):
         _results.append([cmd, cwd, out])
         _ran[0] = True
