@@ -183,7 +183,9 @@ def clean_build_output(root: Path, cargo_home: Path, scratch: Path, *build_args:
 
     Builds at the same path (so env!(CARGO_MANIFEST_DIR) matches) but with a fresh
     target dir and a fresh CARGO_HOME (same config.toml) under ``scratch``, with
-    ``--locked``. Cached per (root, args, source digest).
+    ``--locked``, non-incremental (CARGO_INCREMENTAL=0: the program is the same, the oracle
+    does not share rustc's incremental machinery with the builds it judges, and it builds in
+    ~0.8 s instead of ~1.3 s). Cached per (root, args, source digest).
     """
     key = (str(root), build_args, source_digest(root))
     if key not in _ORACLE_CACHE:
@@ -191,7 +193,7 @@ def clean_build_output(root: Path, cargo_home: Path, scratch: Path, *build_args:
         home = scratch / "cargo-home"
         home.mkdir(parents=True)
         shutil.copy2(Path(cargo_home) / "config.toml", home / "config.toml")
-        env = cargo_env(home, CARGO_TARGET_DIR=str(scratch / "target"))
+        env = cargo_env(home, CARGO_TARGET_DIR=str(scratch / "target"), CARGO_INCREMENTAL="0")
         run(["cargo", "build", "--locked", *build_args], cwd=root, env=env)
         _ORACLE_CACHE[key] = run([scratch / "target" / "debug" / "app"]).stdout
         shutil.rmtree(scratch, ignore_errors=True)
