@@ -176,6 +176,7 @@ def source_digest(root: Path) -> str:
 
 
 _ORACLE_CACHE: dict[tuple, str] = {}
+_ORACLE_POOL = None   # one thread: Workspace.start_clean_output
 
 
 def clean_build_output(root: Path, cargo_home: Path, scratch: Path, *build_args: str) -> str:
@@ -233,6 +234,16 @@ class Workspace:
         """Oracle: app output of a clean build of the current sources (see clean_build_output)."""
         scratch = self.root.parent / f"{self.root.name}.oracle"
         return clean_build_output(self.root, self.cargo_home, scratch, *build_args)
+
+    def start_clean_output(self, *build_args: str):
+        """clean_output() in a background thread: a Future. For a caller that builds the
+        workspace meanwhile (the oracle has a target dir and CARGO_HOME of its own) and leaves
+        the sources alone until it takes the result: the two builds share the machine's cores."""
+        global _ORACLE_POOL
+        if _ORACLE_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _ORACLE_POOL = ThreadPoolExecutor(1, thread_name_prefix="oracle")
+        return _ORACLE_POOL.submit(self.clean_output, *build_args)
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
