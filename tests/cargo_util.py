@@ -176,6 +176,7 @@ def source_digest(root: Path) -> str:
 
 
 _ORACLE_CACHE: dict[tuple, str] = {}
+_ORACLE_POOL = None   # one thread: Workspace.start_clean_output
 
 
 def clean_build_output(root: Path, cargo_home: Path, scratch: Path, *build_args: str) -> str:
@@ -183,7 +184,9 @@ def clean_build_output(root: Path, cargo_home: Path, scratch: Path, *build_args:
 
     Builds at the same path (so env!(CARGO_MANIFEST_DIR) matches) but with a fresh
     target dir and a fresh CARGO_HOME (same config.toml) under ``scratch``, with
-    ``--locked``. Cached per (root, args, source digest).
+    ``--locked``, non-incremental (CARGO_INCREMENTAL=0: the program is the same, the oracle
+    does not share rustc's incremental machinery with the builds it judges, and it builds in
+    ~0.8 s instead of ~1.3 s). Cached per (root, args, source digest).
     """
     key = (str(root), build_args, source_digest(root))
     if key not in _ORACLE_CACHE:
@@ -191,7 +194,7 @@ def clean_build_output(root: Path, cargo_home: Path, scratch: Path, *build_args:
         home = scratch / "cargo-home"
         home.mkdir(parents=True)
         shutil.copy2(Path(cargo_home) / "config.toml", home / "config.toml")
-        env = cargo_env(home, CARGO_TARGET_DIR=str(scratch / "target"))
+        env = cargo_env(home, CARGO_TARGET_DIR=str(scratch / "target"), CARGO_INCREMENTAL="0")
         run(["cargo", "build", "--locked", *build_args], cwd=root, env=env)
         _ORACLE_CACHE[key] = run([scratch / "target" / "debug" / "app"]).stdout
         shutil.rmtree(scratch, ignore_errors=True)
@@ -231,6 +234,16 @@ class Workspace:
         """Oracle: app output of a clean build of the current sources (see clean_build_output)."""
         scratch = self.root.parent / f"{self.root.name}.oracle"
         return clean_build_output(self.root, self.cargo_home, scratch, *build_args)
+
+    def start_clean_output(self, *build_args: str):
+        """clean_output() in a background thread: a Future. For a caller that builds the
+        workspace meanwhile (the oracle has a target dir and CARGO_HOME of its own) and leaves
+        the sources alone until it takes the result: the two builds share the machine's cores."""
+        global _ORACLE_POOL
+        if _ORACLE_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _ORACLE_POOL = ThreadPoolExecutor(1, thread_name_prefix="oracle")
+        return _ORACLE_POOL.submit(self.clean_output, *build_args)
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath

@@ -5,7 +5,7 @@
     env = server.env()                    # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID=testing, ...
     server.stop()                         # by pid
 
-As pytest fixtures: `moto_server` (module scope) and `fault_proxy`, from tests/s3_fixtures.py
+As pytest fixtures: `moto_server` (session scope) and `fault_proxy`, from tests/s3_fixtures.py
 (a plugin listed in conftest's `pytest_plugins`); `moto_missing()` gives the skip reason when
 moto is not installed. Nothing here talks to anything but 127.0.0.1.
 """

@@ -85,15 +85,22 @@ def _clear_faults(s3):
 
 
 def complete(store) -> list[str]:
-    """Every snapshot in the store; asserts each one's blobs are all present and verify."""
+    """Every snapshot in the store; asserts each one's blobs are all present and verify.
+
+    Each pack is fetched once, whole (`jobs` GETs in flight), and every blob of every manifest
+    is verified from it: one ranged GET per blob through the proxy cost ~45 ms, ~9 s a snapshot."""
     from rsnap.store import repo
     names = [n for n, _k, _c in repo.list_snapshots(store)]
+    packs: dict[str, bytes] = {}
     for name in names:
         m = repo.read_manifest(store, name)
-        packs = {loc[0] for loc in m.blobs.values()}
-        assert not store.missing([repo.pack_name(p) for p in packs]), f"{name} points at a missing pack"
-        for digest, loc in list(m.blobs.items())[:200]:
-            repo.read_blob(store, loc, digest)
+        ids = {loc[0] for loc in m.blobs.values()}
+        assert not store.missing([repo.pack_name(p) for p in ids]), f"{name} points at a missing pack"
+        new = sorted(ids - packs.keys())
+        got = store.get_many([repo.pack_name(p) for p in new])
+        packs.update((p, got[repo.pack_name(p)]) for p in new)
+        for digest, loc in m.blobs.items():
+            repo.read_blob(store, loc, digest, packs)
     return names
 
 
