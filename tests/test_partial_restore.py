@@ -7,6 +7,7 @@ files on disk; a full restore (RSNAP_FULL_RESTORE=1) of the same state is the re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -168,3 +169,30 @@ def test_partial_restore_killed_then_saved_then_repaired(saved, tmp_path):
     build = ws.build("build", "--offline")
     assert build.all_fresh(), build.summary()
     assert "app rev=9" in ws.run_app()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "hostile-path", "foreign-blob"])
+def test_damaged_record_carries_nothing_and_the_save_stays_whole(saved, tmp_path, damage):
+    """The carry-over record lives in the target dir: a damaged or hostile one is ignored (no dir
+    carried), the save succeeds, and its snapshot restores and builds fresh."""
+    ws, pristine, _incr = saved
+    store = _store_copy(pristine, tmp_path)
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    record = ws.target / ".rsnap" / "unmaterialized.json"
+    doc = json.loads(record.read_text())
+    if damage == "garbage":
+        record.write_text("{not json")
+    elif damage == "hostile-path":
+        doc["entries"][0][0] = doc["crate_dirs"][0] + "/../../../../outside"
+        record.write_text(json.dumps(doc))
+    else:  # a blob location that does not match the entry's size
+        digest = next(e[5] for e in doc["entries"] if e[1] == "f")
+        doc["blobs"][digest][3] += 1
+        record.write_text(json.dumps(doc))
+    out = rsnap(ws, store, "save", "--json").check().data
+    assert out["carried_over"]["dirs"] == 0
+    cold_runner(ws)
+    rsnap(ws, store, "restore", "--json").check()
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
