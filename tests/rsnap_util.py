@@ -72,3 +72,14 @@ def rebuild_sets(entries: list[dict]) -> tuple[set, set]:
 def cargo_sets(build) -> tuple[set, set]:
     """The same two sets from what cargo did (cargo_util.BuildResult: fresh:false artifacts, -v Running lines)."""
     return build.compiled_units(), set(build.scripts_run)
+
+
+def build_and_save(ws) -> tuple[Path, dict]:
+    """`cargo build` + `cargo test --no-run`, then `rsnap save` into `<ws>/../store`:
+    (store, save --json). Sets ws.expected_output to the program's output."""
+    ws.build("build")
+    ws.build("test", "--no-run")
+    store = ws.root.parent / "store"
+    out = rsnap(ws, store, "save", "--json").check().data
+    ws.expected_output = ws.run_app()
+    return store, out

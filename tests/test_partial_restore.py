@@ -16,7 +16,7 @@ import pytest
 
 from cargo_util import create_workspace
 from reliability_util import run_rsnap, trace_points
-from rsnap_util import cold_runner, one_line_error, rsnap
+from rsnap_util import build_and_save, cold_runner, one_line_error, rsnap
 
 FULL = {"RSNAP_FULL_RESTORE": "1"}
 CORE = ("crates/core/src/lib.rs", "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 7;")
@@ -37,11 +37,7 @@ def tree_digests(root) -> dict[str, str]:
 def saved(registry, gitdep_url, tmp_path_factory):
     """(workspace, store, incremental dir digests) of `cargo build` + `cargo test --no-run`."""
     ws = create_workspace(tmp_path_factory.mktemp("partial") / "ws", registry.index_url, gitdep_url)
-    ws.build("build")
-    ws.build("test", "--no-run")
-    store = ws.root.parent / "store"
-    rsnap(ws, store, "save", "--json").check()
-    ws.expected_output = ws.run_app()
+    store, _out = build_and_save(ws)
     return ws, store, tree_digests(ws.target / "debug" / "incremental")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cargo_util import create_workspace
-from rsnap_util import rsnap, one_line_error, stat_tree, cold_runner
+from rsnap_util import build_and_save, rsnap, one_line_error, stat_tree, cold_runner
 
 # Packages that depend, directly or not, on each workspace crate (fixture layout).
 DEPENDENTS = {
@@ -28,12 +28,8 @@ DEPENDENTS = {
 def saved(registry, gitdep_url, tmp_path_factory):
     """(workspace, store) with a snapshot of `cargo build` + `cargo test --no-run`."""
     ws = create_workspace(tmp_path_factory.mktemp("snap") / "ws", registry.index_url, gitdep_url)
-    ws.build("build")
-    ws.build("test", "--no-run")
-    store = ws.root.parent / "store"
-    res = rsnap(ws, store, "save", "--json").check()
-    assert res.data["files"] > 50
-    ws.expected_output = ws.run_app()
+    store, out = build_and_save(ws)
+    assert out["files"] > 50
     return ws, store
 
 

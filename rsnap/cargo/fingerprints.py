@@ -30,6 +30,7 @@ _NOT_HASH = ("dep-", "output-")
 _REGISTRY_PATH = re.compile(r"/registry/src/[^/]+/(?P<pkg>[^/]+)/")
 _GIT_PATH = re.compile(r"/git/checkouts/(?P<repo>[^/]+)/(?P<rev>[0-9a-f]+)/")
 PACKAGE_ROOT, BUILD_ROOT = 0, 1
+HASHED_NAME = re.compile(r"^(.+)-([0-9a-f]{16})$")   # <pkg>-<unit hash>, <crate>-<unit hash>
 
 
 class Unit:
@@ -86,7 +87,7 @@ def fingerprint_dir_of(rel: str) -> tuple[str, str, str, str] | None:
     """For a file below a fingerprint dir: (fingerprint dir, package, unit hash, profile dir), both layouts."""
     parts = rel.split("/")
     if len(parts) >= 3 and parts[-3] == ".fingerprint":
-        m = re.match(r"^(.+)-([0-9a-f]{16})$", parts[-2])
+        m = HASHED_NAME.match(parts[-2])
         if m:
             return "/".join(parts[:-1]), m.group(1), m.group(2), "/".join(parts[:-3])
     if len(parts) >= 5 and parts[-2] == "fingerprint" and parts[-5] == "build":
@@ -94,19 +95,23 @@ def fingerprint_dir_of(rel: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def read_units(tree) -> list[Unit]:
-    """Every unit with a hash file and a readable JSON in the tree."""
-    units = []
+def hash_files(tree):
+    """(path, fingerprint dir, package, unit hash, profile dir, kind, target) of every unit's hash file."""
     for rel in tree.fingerprint_files():
         where = fingerprint_dir_of(rel)
         name = rel.rsplit("/", 1)[-1]
         if where is None or name.endswith(".json") or name.startswith(_NOT_HASH) or name == "invoked.timestamp":
             continue
         kt = split_kind(name)
-        if kt is None:
-            continue
-        fp_dir, package, unit_hash, profile_dir = where
-        u = Unit(package, unit_hash, kt[0], kt[1], fp_dir, rel, profile_dir)
+        if kt is not None:
+            yield (rel, *where, *kt)
+
+
+def read_units(tree) -> list[Unit]:
+    """Every unit with a hash file and a readable JSON in the tree."""
+    units = []
+    for rel, fp_dir, package, unit_hash, profile_dir, kind, target in hash_files(tree):
+        u = Unit(package, unit_hash, kind, target, fp_dir, rel, profile_dir)
         try:
             u.fingerprint = (tree.read(rel) or b"").decode().strip()
             u.json = json.loads(tree.read(rel + ".json") or b"{}")

@@ -82,15 +82,14 @@ class Skip:
 def unit_of(rel: str, profiles: set[str]) -> tuple[str, str] | None:
     """(profile dir, unit hash) of a path a unit owns: its fingerprint dir, `build/<pkg>-<hash>/`,
     v2 `build/<pkg>/<hash>/`, and `deps/`, `examples/`, `native/` files named `<name>-<hash>[.ext]`."""
-    for profile in _profiles_of(rel, profiles):
-        parts = rel[len(profile) + 1:].split("/") if profile else rel.split("/")
+    for profile, parts in _below_profiles(rel, profiles):
         if len(parts) < 2:
             continue
         top, name = parts[0], parts[1]
         if top == ".fingerprint" or (top == "build" and not _HEX16.match(parts[2] if len(parts) > 2 else "")):
-            m = re.match(r"^.+-([0-9a-f]{16})$", name)
+            m = fpr.HASHED_NAME.match(name)
             if m:
-                return profile, m.group(1)
+                return profile, m.group(2)
         if top == "build" and len(parts) > 2 and _HEX16.match(parts[2]):
             return profile, parts[2]
         if top in ("deps", "examples", "native"):
@@ -100,16 +99,18 @@ def unit_of(rel: str, profiles: set[str]) -> tuple[str, str] | None:
     return None
 
 
-def _profiles_of(rel: str, profiles: set[str]):
+def _below_profiles(rel: str, profiles: set[str]):
+    """(profile dir, path components below it) for each profile dir rel lies in."""
     for p in profiles:
-        if (rel.startswith(p + "/") if p else True):
-            yield p
+        if not p:
+            yield p, rel.split("/")
+        elif rel.startswith(p + "/"):
+            yield p, rel[len(p) + 1:].split("/")
 
 
 def crate_dir_of(rel: str, profiles: set[str]) -> tuple[str, str, str] | None:
     """(crate dir, profile dir, crate name) of a path in `<profile>/incremental/<crate>-<id>/`."""
-    for profile in _profiles_of(rel, profiles):
-        parts = rel[len(profile) + 1:].split("/") if profile else rel.split("/")
+    for profile, parts in _below_profiles(rel, profiles):
         if len(parts) >= 2 and parts[0] == "incremental" and "-" in parts[1]:
             prefix = f"{profile}/incremental/{parts[1]}" if profile else f"incremental/{parts[1]}"
             return prefix, profile, parts[1].rsplit("-", 1)[0]
@@ -161,15 +162,15 @@ def choose(root_path, root: mf.Root, write: list[mf.Entry], units: list[fpr.Unit
             if (profile, crate) in compiles and (profile, crate) not in busy \
                     and not os.path.lexists(f"{root_path}/{crate_dir}"):
                 skip.crate_dirs.add(crate_dir)
-    left_out = _left_out_paths(root, write, skip, profiles)
     entries = {e.path: e for e in root.entries}
+    left_out = _left_out_paths(entries, write, skip, profiles)
     skip.entries = [_record_form(e, entries, left_out) for e in write if e.path in left_out]
     skip.bytes = sum(e.size for e in write if e.path in left_out and e.type == "f") - \
         sum(e.size for e in skip.rewrites.values() if e.type == "f")
     return skip
 
 
-def _left_out_paths(root: mf.Root, write: list[mf.Entry], skip: Skip, profiles: set[str]) -> set[str]:
+def _left_out_paths(entries: dict[str, mf.Entry], write: list[mf.Entry], skip: Skip, profiles: set[str]) -> set[str]:
     """Paths of `write` left out; fills `skip.rewrites` for hard-link groups split by it."""
     out = set()
     for e in write:
@@ -178,9 +179,8 @@ def _left_out_paths(root: mf.Root, write: list[mf.Entry], skip: Skip, profiles: 
             out.add(e.path)
         elif (where := crate_dir_of(e.path, profiles)) is not None and where[0] in skip.crate_dirs:
             out.add(e.path)
-    entries = {e.path: e for e in root.entries}
     groups: dict[str, list[str]] = {}
-    for e in root.entries:
+    for e in entries.values():
         if e.type == "h":
             groups.setdefault(e.digest, [e.digest]).append(e.path)
     in_write = {e.path for e in write}
@@ -294,13 +294,6 @@ def _under_any(path: str, dirs: set[str]) -> bool:
 
 def _crates_with_units(target_dir) -> set[tuple[str, str]]:
     """(profile dir, crate) of every compiling unit whose hash file is in the target dir now."""
-    out = set()
-    for rel in fpr.DiskTree(target_dir).fingerprint_files():
-        where = fpr.fingerprint_dir_of(rel)
-        name = rel.rsplit("/", 1)[-1]
-        if where is None or name.endswith(".json") or name.startswith(("dep-", "output-")):
-            continue
-        kt = fpr.split_kind(name)
-        if kt is not None and kt[0] not in NON_COMPILING:
-            out.add((where[3], kt[1].replace("-", "_")))
-    return out
+    return {(profile, target.replace("-", "_"))
+            for _rel, _fp_dir, _pkg, _hash, profile, kind, target in fpr.hash_files(fpr.DiskTree(target_dir))
+            if kind not in NON_COMPILING}
