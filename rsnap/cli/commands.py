@@ -18,7 +18,8 @@ from ..progress import human_bytes
 from ..snapshot.restore import restore as restore_snapshot
 from ..snapshot.roots import arm_usage, locked, restore_interrupted
 from ..snapshot.settled import read_manifest
-from ..store import default_store_url, open_store, repo
+from ..store import default_store_url, open_store
+from ..repository import repo
 
 
 def emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:

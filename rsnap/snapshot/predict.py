@@ -16,7 +16,7 @@ import os
 from ..cargo import fingerprints as fpr, rebuild
 from ..cargo.layout import RSNAP_DIR
 from ..errors import RsnapError, EXIT_WORKSPACE
-from ..store import repo
+from ..repository import repo
 
 RECORD = "prediction.json"
 KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env")

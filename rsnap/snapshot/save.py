@@ -18,7 +18,7 @@ from .. import __version__, faults, timings
 from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
-from ..store import chunking, manifest as mf, repo
+from ..repository import chunking, manifest as mf, repo
 from . import partial, scan, settled
 from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
 

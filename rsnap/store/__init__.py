@@ -1,4 +1,4 @@
-"""Store backends and the URL that picks one; the snapshot repository lives in rsnap.store.repo.
+"""Store backends and the URL that picks one; the snapshot repository lives in rsnap.repository.repo.
 
 A backend module per URL scheme: `local` (a path or file://). A remote backend plugs in
 here by its scheme, imported only when its URL is used (e.g. `s3://` -> rsnap.store.s3),

@@ -3,7 +3,7 @@
 A backend is a flat key/value object space ("snapshots/…", "packs/…", "cache/…"). Like
 sccache's storage trait it knows nothing about snapshots: it only moves named objects,
 and every `put` is atomic (readers see the old object, the new one, or none). The
-repository (rsnap.store.repo) and the compile cache are written against this interface.
+repository (rsnap.repository.repo) and the compile cache are written against this interface.
 """
 from __future__ import annotations
 

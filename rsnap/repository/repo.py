@@ -5,7 +5,7 @@ Objects:
   snapshots/<key>/<created_ns>-<rand>   zstd JSON manifest (written last, atomically)
 
 A blob is located by its manifest's `blobs` table, so a manifest alone is enough to
-restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.store.chunking).
+restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.repository.chunking).
 Saves dedupe against the blob and chunk tables of recent snapshots.
 """
 from __future__ import annotations
