@@ -44,7 +44,7 @@ class PackWriter:
         self.store = store
         # a remote store takes several uploads at once (each a round trip or more); a local one
         # gains nothing from more than one writer (each pack is an fsync)
-        self.jobs = min(8, getattr(store, "jobs", 1)) if getattr(store, "remote_store", False) else 1
+        self.jobs = min(8, store.capabilities.connections)
         self.max_in_flight = max(self.MAX_IN_FLIGHT, self.jobs)
         self.buf: list[bytes] = []
         self.pending: list[tuple[str, int, int, int]] = []  # digest, offset, clen, size
@@ -280,7 +280,7 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dic
     """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
     out = []
     names = [name for name, _key, _created in list_snapshots(store, key_prefix)[:limit]]
-    if hasattr(store, "get_many") and len(names) > 1:   # a remote store: in parallel
+    if len(names) > 1:   # in parallel on a remote store
         try:
             raw = store.get_many(names)
         except StoreError:
