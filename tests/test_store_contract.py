@@ -118,6 +118,9 @@ def test_s3_errors_are_typed_by_opendal_class(moto_server, fault_proxy, monkeypa
     st = S3Store(f"s3://{bucket}/p")
     with pytest.raises(NotFoundError):
         st.get("packs/aa/1")
+    assert st.capabilities.conditional_create
+    assert st.put_if_absent("locks/x", b"1") is True and st.put_if_absent("locks/x", b"2") is False
+    assert st.get("locks/x") == b"1"
     fault_proxy.inject("403", times=None)
     with pytest.raises(PermanentStoreError, match="access denied"):
         st.list("snapshots/")
