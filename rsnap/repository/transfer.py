@@ -144,10 +144,10 @@ def reader(store, ranges):
     directory lacks (whole, in parallel); a remote store behind a RangePrefetcher. Call
     `close(reader)` when done."""
     ranges = list(ranges)
-    if store.fill(sorted({name for name, _s, _e in ranges})) is not None:
-        return store
     if not store.remote_store or not ranges:
         return store
+    if store.fill(sorted({name for name, _s, _e in ranges})) is not None:
+        return store            # a local tier holds them now
     fetcher = RangePrefetcher(store)
     fetcher.prefetch(ranges)
     return fetcher
