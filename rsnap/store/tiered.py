@@ -80,6 +80,10 @@ class TieredStore(Backend):
         self.remote.put(name, data)
         self._fill(name, data)
 
+    def put_within(self, name: str, data: bytes, seconds: float | None) -> None:
+        self.remote.put_within(name, data, seconds)
+        self._fill(name, data)
+
     def put_many(self, items) -> None:
         items = list(items)
         self.remote.put_many(items)
