@@ -155,9 +155,9 @@ def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] |
             return st, found, kind, name
     for prefix in prefixes:
         for st, name in opened:
-            found = repo.list_snapshots(st, prefix)
+            found = repo.newest_under(st, prefix)
             if found:
-                return st, found[0][0], "partial", name
+                return st, found, "partial", name
     return opened[0][0], None, "miss", opened[0][1]
 
 

@@ -52,6 +52,11 @@ class HeldLock:
     def check(self) -> None:
         pass
 
+    def time_left(self) -> float | None:
+        """Seconds the lock surely stays ours (a deadline for the save's manifest PUT); None:
+        held until released (a flock)."""
+        return None
+
 
 class _NoLock:
     def __enter__(self) -> HeldLock:
