@@ -145,6 +145,7 @@ class TieredStore(Backend):
     def delete(self, name: str) -> None:
         self.remote.delete(name)
         self.local.delete(name)
+        self._verified.discard(name)
 
     def touch(self, name: str) -> None:
         self.local.touch(name)
