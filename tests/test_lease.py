@@ -342,7 +342,7 @@ def test_a_corrupt_local_copy_is_fetched_again(lease_ws, bucket, tmp_path):
     from rsnap.digest import hash_file
     ws, local = lease_ws, tmp_path / "local-tier"
     env = {"RSNAP_LOCAL_STORE": str(local)}
-    run(ws, bucket, "save", "--key", "lease-tier", "--no-gc", "--json").check()
+    run(ws, bucket, "save", "--key", "lease-tier", "--no-gc", "--json", env=env).check()
     saved_packs = sorted(p for p in local.rglob("packs/*/*"))
     assert saved_packs                                   # the save filled the local tier
     bad = max(saved_packs, key=lambda p: p.stat().st_size)

@@ -143,8 +143,12 @@ def _commit(store, held, m: mf.Manifest, data: bytes) -> str:
     _lease(held, "no snapshot written")
     name = repo.manifest_name(m)
     faults.point("save.commit")
+    left = held.time_left()
+    if left is not None and left < 1:
+        _lease(held, "no snapshot written")     # stalled since the refresh: again, on the server's clock
+        left = held.time_left()
     try:
-        repo.write_manifest(store, m, data, name=name, seconds=held.time_left())
+        repo.write_manifest(store, m, data, name=name, seconds=left)
         _lease(held, "snapshot withdrawn")
     except StoreError as e:
         try:

@@ -55,7 +55,7 @@ class OpenDALBackend(Backend):
         self.url, self.endpoint = url, redact(endpoint)
         self.retries = int(env_float(f"RSNAP_{env}_RETRIES", 6))
         self.min_delay = env_float(f"RSNAP_{env}_RETRY_MIN_DELAY", 0.2)
-        self.silence = env_float(f"RSNAP_{env}_TIMEOUT", 2.0)
+        self.silence = env_float(f"RSNAP_{env}_TIMEOUT", 1.5)
         self.probe_timeout = env_float(f"RSNAP_{env}_PROBE_TIMEOUT", 1.0)
         import opendal
         try:
