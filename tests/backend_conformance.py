@@ -31,7 +31,8 @@ class Harness:
     stat_timeout = 0.0          # seconds after which a stalled stat (size/exists) gives up; 0: untested
 
     store: Backend
-    proxy = None                # tests/fault_proxy.py's FaultProxy API: inject, set, clear
+    proxy = None                # tests/fault_proxy.py's API (FaultProxy or ProxyProcess): inject, set,
+                                # clear, reset_stats, stats().log; its faults are HTTP statuses and resets
 
     def __init__(self, request, tmp_path):
         self.request, self.tmp_path = request, tmp_path
