@@ -19,7 +19,7 @@ from ..errors import RsnapError, EXIT_WORKSPACE
 from ..store import repo
 
 RECORD = "prediction.json"
-KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env")
+KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env", "job")
 
 
 class SnapshotTree(fpr.ManifestTree):
@@ -42,12 +42,12 @@ def key_differences(old: dict, new: dict) -> list[str]:
     out = []
     for name in KEY_INPUT_NAMES:
         a, b = old.get(name), new.get(name)
-        if a == b:
+        if a == b or (name == "job" and not a and not b):   # older snapshots have no job
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{'env' if name == 'env' else 'config'} {k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         else:
-            out.append({"cargo_lock": "Cargo.lock", "rustc": "toolchain", "target": "target triple"}.get(name, name))
+            out.append({"cargo_lock": "Cargo.lock", "rustc": "toolchain", "target": "target triple", "job": "CI job"}.get(name, name))
     return out
 
 
