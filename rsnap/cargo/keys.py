@@ -128,9 +128,10 @@ def job_prefix(inputs: dict) -> str:
     return family_prefix(inputs) + _h(inputs.get("job", ""), 8) + "-"
 
 
-def fallback_prefixes(inputs: dict) -> list[str]:
-    """Where an exact miss looks next, in order: this job's older snapshots, then any job's."""
-    return [job_prefix(inputs), family_prefix(inputs)]
+def fallback_prefixes(inputs: dict, restore_keys: list[str] = ()) -> list[str]:
+    """Where an exact miss looks next, in order: this job's older snapshots, the --restore-key
+    prefixes, then any job's snapshot of the same family."""
+    return [job_prefix(inputs), *restore_keys, family_prefix(inputs)]
 
 
 def default_key(inputs: dict) -> str:

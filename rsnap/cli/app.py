@@ -150,7 +150,7 @@ def status(
     what the target dir holds. Reads only; writes nothing."""
     ws = discover(manifest_path)
     k, inputs = commands.key_and_inputs(ws, key)
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + keys.fallback_prefixes(inputs)
+    prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
             "interrupted_restore": restore_interrupted(ws)}

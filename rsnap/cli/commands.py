@@ -67,7 +67,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     k, inputs = key_and_inputs(ws, key)
     timings.mark("key")
     record_key = lambda: key_record.remember(ws, k, inputs, "explicit" if key else "default")  # noqa: E731
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + keys.fallback_prefixes(inputs)
+    prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
     try:
         st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
