@@ -168,3 +168,16 @@ def test_rsnap_job_overrides_the_ci_job(built_workspace, tmp_path):
     assert a["key"] == b["key"] == gl["key"] and a["inputs"]["job"] == "a"
     none = rsnap(ws, tmp_path / "s", "key", "--json", env_extra={"GITHUB_JOB": "", "CI_JOB_NAME": ""}).check().data
     assert none["key"] != a["key"] and none["restore_prefix"] == a["restore_prefix"] and none["inputs"]["job"] == ""
+
+
+def test_save_dedupes_against_its_own_jobs_snapshot_first():
+    from rsnap.store import repo
+    fam = "linux-x86_64-aaaaaaaa-bbbbbbbb-"
+    mine, other1, other2 = fam + "11111111-", fam + "22222222-", fam + "33333333-"
+    found = [("s/o2", other2 + "c" * 16, 50), ("s/o1", other1 + "c" * 16, 40),
+             ("s/m-old", mine + "d" * 16, 20), ("s/m", mine + "e" * 16, 30)]
+    found.sort(key=lambda s: s[2], reverse=True)
+    assert repo.nearest_first(found, mine + "f" * 16)[:2] == ["s/m", "s/o2"], "own job's newest, then the newest"
+    assert repo.nearest_first(found, mine + "d" * 16)[:2] == ["s/m-old", "s/o2"], "the same key beats the same job"
+    assert repo.nearest_first(found, "") == ["s/o2", "s/o1", "s/m", "s/m-old"]
+    assert repo.nearest_first([], mine) == []

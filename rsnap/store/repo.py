@@ -282,11 +282,7 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -
     leading parts with it (the same key, else the same job): with many jobs in one family, the
     newest snapshots may all be other jobs', which share far fewer files."""
     out = []
-    found = list_snapshots(store, key_prefix)
-    if near and found:
-        closest = max(found, key=lambda s: (_shared_parts(s[1], near), s[2]))
-        found = [closest] + [s for s in found if s is not closest]
-    names = [name for name, _key, _created in found[:limit]]
+    names = nearest_first(list_snapshots(store, key_prefix), near)[:limit]
     if hasattr(store, "get_many") and len(names) > 1:   # a remote store: in parallel
         try:
             raw = store.get_many(names)
@@ -300,6 +296,15 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -
         except (StoreError, FormatError):
             continue
     return out
+
+
+def nearest_first(found: list[tuple[str, str, int]], near: str) -> list[str]:
+    """Snapshot names of `found` (newest first, as list_snapshots gives them), the one whose key
+    shares most leading `-` parts with `near` moved to the front (the newest of those)."""
+    if near and found:
+        closest = max(found, key=lambda s: (_shared_parts(s[1], near), s[2]))
+        found = [closest] + [s for s in found if s is not closest]
+    return [name for name, _key, _created in found]
 
 
 def _shared_parts(a: str, b: str) -> int:
