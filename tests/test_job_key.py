@@ -139,7 +139,11 @@ def test_two_jobs_alternate_without_thrashing(make_workspace, tmp_path):
     assert _restore_with_ci(ws, store, test_env)["incremental_hint"] is None, "cargo < 1.99 keeps incremental on"
     lowered = _restore_with_ci(ws, store, test_env, off_from=(1, 0))
     assert lowered["result"] == "exact" and "CARGO_INCREMENTAL=1" in lowered["incremental_hint"]
-    assert _restore_with_ci(ws, store, {**test_env, "CARGO_INCREMENTAL": "1"}, off_from=(1, 0))["incremental_hint"] is None
+    explicit = _restore_with_ci(ws, store, {**test_env, "CARGO_INCREMENTAL": "1"}, off_from=(1, 0))
+    assert explicit["incremental_hint"] is None
+    # a new key (CARGO_INCREMENTAL is a key input): this job's snapshot, and no claim about rebuilds
+    assert explicit["result"] == "partial" and explicit["fallback"] == "job" and explicit["rebuild"] is None
+    assert "env CARGO_INCREMENTAL" in explicit["key_differences"]
     release = _restore_with_ci(ws, store, {"GITHUB_JOB": "release", "CI": "true"}, off_from=(1, 0))
     assert release["result"] == "exact" and release["incremental_hint"] is None, "a release snapshot has none"
     text = _restore_with_ci(ws, store, test_env, off_from=(1, 0), as_json=False)

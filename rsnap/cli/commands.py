@@ -130,7 +130,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     return st
 
 
-_FALLBACK_TEXT = {"job": " (this job's, other inputs)", "other-job": " (another CI job's snapshot)"}
+_FALLBACK_TEXT = {"other-job": " (another CI job's snapshot)"}
 
 
 def _fallback(kind: str, snapshot_key: str, inputs: dict) -> str | None:

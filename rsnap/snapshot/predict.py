@@ -19,6 +19,7 @@ from ..errors import RsnapError, EXIT_WORKSPACE
 from ..store import repo
 
 RECORD = "prediction.json"
+INCREMENTAL_SETTINGS = ("env CARGO_INCREMENTAL", "env CARGO_BUILD_INCREMENTAL")
 KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env", "job")
 
 
@@ -68,6 +69,11 @@ def _predict(ws, m, inputs: dict, tree, view, settings=None) -> dict:
     notes = list(settings.notes)
     if diff:
         notes.insert(0, "key inputs differ from the snapshot's: " + ", ".join(diff))
+    incremental = [d for d in diff if d in INCREMENTAL_SETTINGS]
+    if incremental:   # cargo hashes the effective setting per unit, which depends on profile, CI, cargo
+        return {"rebuild": None, "units": len(units), "notes": notes, "key_differences": diff, "_units": units,
+                "summary": f"rebuild not predicted: {', '.join(incremental)} changed (the workspace's own "
+                           "crates rebuild if that turns incremental compilation on or off)"}
     return {"rebuild": entries, "units": len(units), "notes": notes, "key_differences": diff,
             "summary": rebuild.summary(entries), "_units": units}
 
