@@ -100,7 +100,8 @@ def _job_run(ws, store, job: str, cargo_args: tuple[str, ...]):
 
 def _intact(store_path, saved: dict, manifest_bytes: bytes) -> None:
     """The snapshot a save wrote is still there as written, and every pack it names exists."""
-    from rsnap.store import open_store, repo
+    from rsnap.repository import repo
+    from rsnap.store import open_store
     st_ = open_store(str(store_path), create=False)
     assert st_.get(saved["snapshot"]) == manifest_bytes
     m = repo.read_manifest(st_, saved["snapshot"])
@@ -175,7 +176,7 @@ def test_rsnap_job_overrides_the_ci_job(built_workspace, tmp_path):
 
 
 def test_save_dedupes_against_its_own_jobs_snapshot_first():
-    from rsnap.store import repo
+    from rsnap.repository import repo
     fam = "linux-x86_64-aaaaaaaa-bbbbbbbb-"
     mine, other1, other2 = fam + "11111111-", fam + "22222222-", fam + "33333333-"
     found = [("s/o2", other2 + "c" * 16, 50), ("s/o1", other1 + "c" * 16, 40),

@@ -15,7 +15,8 @@ from ..cargo.layout import discover
 from ..errors import StoreError
 from ..progress import human_bytes
 from ..snapshot.roots import restore_interrupted
-from ..store import open_store, repo
+from ..store import open_store
+from ..repository import repo
 from . import commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -224,7 +225,7 @@ def store_prune(store: Optional[str] = StoreOpt,
     """Delete old snapshots (--keep per key, --older-than, --max-size) and packs no snapshot references (in --scope's namespace)."""
     from ..cargo.gc import parse_size
     from ..errors import RsnapError, EXIT_USAGE
-    from ..store import prune
+    from ..repository import prune
     try:
         age = prune.parse_duration(older_than) if older_than else None
         grace_s = prune.parse_duration(grace) if grace else None

@@ -18,7 +18,8 @@ from ..progress import human_bytes
 from ..snapshot.restore import restore as restore_snapshot
 from ..snapshot.roots import arm_usage, locked, restore_interrupted
 from ..snapshot.settled import read_manifest
-from ..store import default_store_url, open_store, repo
+from ..store import default_store_url, open_store
+from ..repository import repo
 
 
 def emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:
@@ -43,7 +44,7 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
             manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
             quiet: bool = False, scope: str | None = None, read_scope: list[str] | None = None) -> None:
     st = _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet, scope, read_scope)
-    if getattr(st, "remote_store", False):
+    if st is not None and st.remote_store:
         _sync_cache(st, "down", quiet)
 
 
@@ -51,9 +52,9 @@ def _sync_cache(st, direction: str, quiet: bool) -> None:
     """The compile cache's local tier <-> the remote store's cache/ (rsnap.store.tiered)."""
     if os.environ.get("RSNAP_CACHE_SYNC", "1") in ("0", "false", "off", "no"):
         return
-    from ..store import tiered
+    from ..store import cache_sync
     try:
-        (tiered.sync_cache_down if direction == "down" else tiered.sync_cache_up)(st)
+        (cache_sync.sync_cache_down if direction == "down" else cache_sync.sync_cache_up)(st)
     except StoreError as e:
         if not quiet:
             sys.stderr.write(f"rsnap: warning: compile cache not synced with {st.url}: {e}\n")
@@ -75,7 +76,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
         _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws, record_key)
         return None
     timings.mark("lookup")
-    remote = getattr(st, "remote_store", False)  # a remote store that fails is a miss (exit 0), not an error
+    remote = st.remote_store  # a remote store that fails is a miss (exit 0), not an error
     if name is None:
         _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
               "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws, record_key)
@@ -253,7 +254,7 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
         key_record.consume(ws)
     prefetch.remember(ws.target_dir, manifest_path)
-    if getattr(st, "remote_store", False):
+    if st.remote_store:
         _sync_cache(st, "up", quiet)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")

@@ -16,7 +16,7 @@ import os
 from ..cargo import fingerprints as fpr, rebuild
 from ..cargo.layout import RSNAP_DIR
 from ..errors import RsnapError, EXIT_WORKSPACE
-from ..store import repo
+from ..repository import repo
 
 RECORD = "prediction.json"
 INCREMENTAL_SETTINGS = ("env CARGO_INCREMENTAL", "env CARGO_BUILD_INCREMENTAL")

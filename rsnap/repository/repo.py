@@ -5,7 +5,7 @@ Objects:
   snapshots/<key>/<created_ns>-<rand>   zstd JSON manifest (written last, atomically)
 
 A blob is located by its manifest's `blobs` table, so a manifest alone is enough to
-restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.store.chunking).
+restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.repository.chunking).
 Saves dedupe against the blob and chunk tables of recent snapshots.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class PackWriter:
         self.store = store
         # a remote store takes several uploads at once (each a round trip or more); a local one
         # gains nothing from more than one writer (each pack is an fsync)
-        self.jobs = min(8, getattr(store, "jobs", 1)) if getattr(store, "remote_store", False) else 1
+        self.jobs = min(8, store.capabilities.connections)
         self.max_in_flight = max(self.MAX_IN_FLIGHT, self.jobs)
         self.buf: list[bytes] = []
         self.pending: list[tuple[str, int, int, int]] = []  # digest, offset, clen, size
@@ -283,7 +283,7 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -
     newest snapshots may all be other jobs', which share far fewer files."""
     out = []
     names = nearest_first(list_snapshots(store, key_prefix), near)[:limit]
-    if hasattr(store, "get_many") and len(names) > 1:   # a remote store: in parallel
+    if len(names) > 1:   # in parallel on a remote store
         try:
             raw = store.get_many(names)
         except StoreError:
