@@ -13,7 +13,7 @@ from rsnap_util import cold_runner, rsnap
 BASE_INPUTS = {"key_format": keys.KEY_FORMAT, "os": "linux", "arch": "x86_64", "rustc": "rustc 1.95.0\nrelease: 1.95.0",
                "host": "x86_64-unknown-linux-gnu", "target": "x86_64-unknown-linux-gnu", "workspace_root": "/w",
                "cargo_home": "/h", "cargo_lock": "abc", "rust_toolchain": {}, "cargo_config": {}, "env": {}}
-job_names = st.text(min_size=0, max_size=30)
+job_names = st.text(min_size=0, max_size=30) | st.binary(max_size=30).map(lambda b: b.decode("utf-8", "surrogateescape"))
 
 
 # ---------------------------------------------------------------- the key's job part

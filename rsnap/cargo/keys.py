@@ -125,7 +125,8 @@ def family_prefix(inputs: dict) -> str:
 
 def job_prefix(inputs: dict) -> str:
     """The family prefix plus this job's part: the same job's snapshots of other inputs."""
-    return family_prefix(inputs) + _h(inputs.get("job", ""), 8) + "-"
+    job = inputs.get("job", "").encode("utf-8", "surrogateescape")   # env bytes that are not UTF-8
+    return family_prefix(inputs) + _h(job, 8) + "-"
 
 
 def fallback_prefixes(inputs: dict, restore_keys: list[str] = ()) -> list[str]:
