@@ -348,8 +348,10 @@ def test_a_passing_fault_is_retried(networked, fault):
         networked.proxy.reset_stats()
         networked.proxy.inject(fault, times=1)
         assert op(), f"{what} after one {fault}"
+        # the fault met a request, so the right answer came from a retry (the proxy logs an
+        # answer after sending it: the retry's own entry may not be there yet)
         statuses = [status for _m, _p, status in networked.proxy.stats().log]
-        assert statuses.count(FAULT_STATUS[fault]) == 1 and len(statuses) >= 2, (what, statuses)
+        assert statuses.count(FAULT_STATUS[fault]) == 1, (what, statuses)
 
 
 def test_a_truncated_body_is_retried_or_refused(networked):
