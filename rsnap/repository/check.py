@@ -172,10 +172,15 @@ def format_report(out: dict) -> str:
     for p in out["packs_deleted"]:
         lines.append(f"rsnap: deleted damaged pack {p}")
     from ..progress import human_bytes
-    how = f", {human_bytes(out['bytes_read'])} read and verified" if out["read_data"] else " (packs present, not read: --read-data)"
+    how = f", {human_bytes(out['bytes_read'])} read and verified" if out["read_data"] else \
+        " (present and long enough; --read-data verifies their bytes)"
     found = len(out["snapshots_damaged"])
-    lines.append(f"rsnap: checked {out['snapshots_checked']} snapshots, {out['packs_checked']} packs{how}: "
+    lines.append(f"rsnap: checked {_n(out['snapshots_checked'], 'snapshot')}, {_n(out['packs_checked'], 'pack')}{how}: "
                  + ("no damage" if not found else
-                    f"{found} damaged snapshot{'s' * (found != 1)}"
+                    f"{_n(found, 'damaged snapshot')}"
                     + (" dropped" if out["repaired"] else " (rsnap store check --repair drops them)")))
     return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
