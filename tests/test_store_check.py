@@ -11,6 +11,7 @@ import os
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as hs
 
 from rsnap import __version__
 from rsnap.digest import digest_bytes
@@ -165,3 +166,67 @@ def test_usage_and_a_store_that_cannot_be_read(built_workspace, tmp_path):
     assert res.returncode == EXIT_STORE and "Traceback" not in res.stderr and not (tmp_path / "none").exists()
     help_text = rsnap(built_workspace, tmp_path, "store", "check", "--help").check().stdout
     assert "--read-data" in help_text and "--repair" in help_text and "3 damage found" in help_text
+
+
+# -- damage patterns (hypothesis): what check finds is exactly what a restore would miss ----------
+
+PACKS, PER_PACK = 4, 3
+
+
+def _synthetic_store(root, picks: list[set[int]]):
+    """PACKS packs of PER_PACK random blobs each (incompressible: any flipped byte changes the
+    content) and one snapshot per entry of `picks`, using those blob numbers."""
+    store = LocalStore(root)
+    writer, digests = repo.PackWriter(store), []
+    for p in range(PACKS):
+        for b in range(PER_PACK):
+            content = os.urandom(2000 + 100 * b)
+            digests.append(digest_bytes(content))
+            writer.add(digests[-1], repo.compress(content), len(content))
+        writer.ship()
+    writer.flush()
+    names = []
+    for i, pick in enumerate(picks):
+        m = mf.Manifest(key=f"k{i}", created_ns=repo.now_ns(), workspace_root="/ws", cargo_home="/ch",
+                        rsnap_version=__version__, key_inputs={}, roots=[], sources=[], source_dirs=[],
+                        blobs={digests[b]: writer.locations[digests[b]] for b in pick}, chunks={})
+        names.append(repo.write_manifest(store, m))
+    return store, [writer.locations[d] for d in digests], names
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=hs.lists(hs.sets(hs.integers(0, PACKS * PER_PACK - 1), min_size=1), min_size=1, max_size=4),
+       damage=hs.lists(hs.sampled_from(["none", "delete", "truncate", "corrupt"]), min_size=PACKS, max_size=PACKS),
+       victim=hs.integers(0, PER_PACK - 1))
+def test_check_finds_exactly_the_damage(tmp_path_factory, picks, damage, victim):
+    """Per pack: intact, deleted, cut inside its `victim` blob, or that blob's middle byte flipped.
+    A snapshot is damaged iff it uses a lost blob (a corrupt one: only with read_data); --repair
+    drops exactly those and deletes no pack a remaining snapshot uses."""
+    from rsnap.repository import check
+    store, locs, names = _synthetic_store(tmp_path_factory.mktemp("dmg") / "s", picks)
+    pack_ids = sorted({loc[0] for loc in locs}, key=lambda p: min(i for i, loc in enumerate(locs) if loc[0] == p))
+    lost, corrupt = set(), set()        # blob numbers
+    for p, kind in enumerate(damage):
+        pid, blob = pack_ids[p], p * PER_PACK + victim
+        name, off, clen = repo.pack_name(pid), locs[blob][1], locs[blob][2]
+        if kind == "delete":
+            store.delete(name)
+            lost |= set(range(p * PER_PACK, (p + 1) * PER_PACK))
+        elif kind == "truncate":
+            store.put(name, store.get(name)[:off + clen // 2])
+            lost |= {b for b in range(p * PER_PACK, (p + 1) * PER_PACK) if locs[b][1] + locs[b][2] > off + clen // 2}
+        elif kind == "corrupt":
+            data = bytearray(store.get(name))
+            data[off + clen // 2] ^= 0x55
+            store.put(name, bytes(data))
+            corrupt.add(blob)
+    quick = check.check(store)
+    assert {s["snapshot"] for s in quick["snapshots_damaged"]} == {n for n, pick in zip(names, picks) if pick & lost}
+    full = check.check(store, read_data=True)
+    bad = {n for n, pick in zip(names, picks) if pick & (lost | corrupt)}
+    assert {s["snapshot"] for s in full["snapshots_damaged"]} == bad
+    fixed = check.check(store, read_data=True, repair=True)
+    assert set(fixed["snapshots_dropped"]) == bad and set(store.list("snapshots/")) == set(names) - bad
+    still_used = {loc[0] for n, pick in zip(names, picks) if n not in bad for loc in (locs[b] for b in pick)}
+    assert all(store.exists(repo.pack_name(p)) for p in still_used)
+    assert check.check(store, read_data=True)["snapshots_damaged"] == []
