@@ -68,7 +68,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     k, inputs = key_and_inputs(ws, key)
     timings.mark("key")
     record_key = lambda: key_record.remember(ws, k, inputs, "explicit" if key else "default")  # noqa: E731
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
     try:
         st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
@@ -110,23 +110,45 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
             _miss(as_json, quiet, {**base, "snapshot": name}, started,
                   f"{e}; the partly restored target is not trusted (no fingerprints): cargo will build from scratch", ws, record_key)
             return None
-    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
+    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key, "fallback": _fallback(kind, m.key, inputs),
               "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
               "discovery_cached": prefetch.from_cache()}
+    result["incremental_hint"] = _incremental_hint(inputs, m)
     prefetch.remember(ws.target_dir, manifest_path)
     if out["clock_shift_seconds"] and not as_json and not quiet:
         sys.stderr.write(f"rsnap: warning: the snapshot's mtimes lay up to {out['clock_shift_seconds']}s in this "
                          "machine's future (clock skew); all restored mtimes were moved back by that much\n")
     emit(as_json, result,
-         f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
+         f"rsnap: {kind} hit {m.key}{_FALLBACK_TEXT.get(result['fallback'], '')}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
          + _left_out_line(out["skipped"])
          + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
-         + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", [])), quiet)
+         + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", []))
+         + (f"\nrsnap: hint: {result['incremental_hint']}" if result["incremental_hint"] else ""), quiet)
     return st
+
+
+_FALLBACK_TEXT = {"other-job": " (another CI job's snapshot)"}
+
+
+def _fallback(kind: str, snapshot_key: str, inputs: dict) -> str | None:
+    """For a partial hit, whose snapshot it took: "job" (this CI job's), "other-job" (another job
+    of the same workspace and toolchain), or "restore-key" (only a --restore-key matched)."""
+    if kind != "partial":
+        return None
+    if snapshot_key.startswith(keys.job_prefix(inputs)):
+        return "job"
+    return "other-job" if snapshot_key.startswith(keys.family_prefix(inputs)) else "restore-key"
+
+
+def _incremental_hint(inputs: dict, m) -> str | None:
+    """What to set when cargo would silently build without the snapshot's incremental dirs."""
+    from ..cargo import incremental_ci
+    return incremental_ci.hint(os.environ, inputs["rustc"], list(inputs.get("cargo_config", {})),
+                               lambda: incremental_ci.has_incremental_dirs(m))
 
 
 def _left_out_line(skipped: dict) -> str:

@@ -297,10 +297,13 @@ def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list]
     return known, known_chunks
 
 
-def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dict, dict]]:
-    """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
+def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -> list[tuple[dict, dict]]:
+    """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped).
+    With `near` (the key being saved), the first is the newest snapshot whose key shares the most
+    leading parts with it (the same key, else the same job): with many jobs in one family, the
+    newest snapshots may all be other jobs', which share far fewer files."""
     out = []
-    names = [name for name, _key, _created in list_snapshots(store, key_prefix)[:limit]]
+    names = nearest_first(list_snapshots(store, key_prefix), near)[:limit]
     if len(names) > 1:   # in parallel on a remote store
         try:
             raw = store.get_many(names)
@@ -314,6 +317,24 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dic
         except (StoreError, FormatError):
             continue
     return out
+
+
+def nearest_first(found: list[tuple[str, str, int]], near: str) -> list[str]:
+    """Snapshot names of `found` (newest first, as list_snapshots gives them), the one whose key
+    shares most leading `-` parts with `near` moved to the front (the newest of those)."""
+    if near and found:
+        closest = max(found, key=lambda s: (_shared_parts(s[1], near), s[2]))
+        found = [closest] + [s for s in found if s is not closest]
+    return [name for name, _key, _created in found]
+
+
+def _shared_parts(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("-"), b.split("-")):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def fetch_packs_parallel(store, pack_ids: list[str], workers: int = 4):

@@ -42,7 +42,7 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
 
 
 def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held) -> dict:
-    known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
+    known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix, near=key))
     timings.mark("dedupe_tables")
     writer = repo.PackWriter(store)
     stats = SaveStats()
