@@ -306,7 +306,8 @@ def _timed(fn):
 def test_an_unusable_endpoint_fails_fast(lease_ws, bucket, case, record_property):
     """Restore is a miss within 5 s, save fails (exit 3, one line) within 15 s."""
     from s3_util import free_port
-    ws, env, silent = lease_ws, {}, None
+    ws, silent = lease_ws, None
+    env = {"RSNAP_S3_RETRIES": "6", "RSNAP_S3_RETRY_MIN_DELAY": "0.2"}    # the defaults
     if case == "silent":
         silent = Silent()
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{silent.port}"
