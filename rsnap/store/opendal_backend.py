@@ -3,8 +3,8 @@
 A backend over OpenDAL subclasses OpenDALBackend and only says how its URL maps to an
 operator config (rsnap.store.s3 is the example): `service` (OpenDAL's scheme name), the
 options, `label` for messages, `container` (e.g. "S3 bucket 'x'") and `denied_hint`. Here:
-the operator with timeout and retry layers, the error kinds (rsnap.errors) from OpenDAL's
-exception classes, and get/put/ranged read/list/stat/delete. Importing this module costs
+the operator with a timeout layer, the fail-fast probe and the retry policy (below), the error
+kinds (rsnap.errors) from OpenDAL's exception classes, and get/put/ranged read/list/stat/delete. Importing this module costs
 nothing; constructing a backend imports opendal (~7 ms).
 """
 from __future__ import annotations
@@ -42,21 +42,24 @@ def redact(url: str) -> str:
 
 class OpenDALBackend(Backend):
     """Objects under the operator's root. Tunables come from RSNAP_<ENV>_{JOBS, RETRIES,
-    TIMEOUT, RETRY_MIN_DELAY} (`env` = e.g. "S3")."""
+    RETRY_MIN_DELAY, PROBE_TIMEOUT, TIMEOUT} (`env` = e.g. "S3"); a backend may change the
+    defaults of the last two (`probe_seconds`, `silence_seconds`) and `probe_request`."""
 
     remote_store = True   # restore degrades a failed read to a miss; the compile cache uses a local tier
     label = "OpenDAL"     # in messages: "<label> access denied …", "cannot reach <label> endpoint …"
     container = "the store"
     denied_hint = "check the credentials"
     missing_container_codes: tuple[str, ...] = ()   # service error codes meaning "no such bucket"
+    probe_seconds = 1.0     # the first contact's time to answer (twice at most); RSNAP_<ENV>_PROBE_TIMEOUT
+    silence_seconds = 1.5   # after it: no byte for this long is a stall; RSNAP_<ENV>_TIMEOUT
 
     def __init__(self, service: str, options: dict, url: str, endpoint: str, env: str,
                  jobs: int | None = None):
         self.url, self.endpoint = url, redact(endpoint)
         self.retries = int(env_float(f"RSNAP_{env}_RETRIES", 6))
         self.min_delay = env_float(f"RSNAP_{env}_RETRY_MIN_DELAY", 0.2)
-        self.silence = env_float(f"RSNAP_{env}_TIMEOUT", 1.5)
-        self.probe_timeout = env_float(f"RSNAP_{env}_PROBE_TIMEOUT", 1.0)
+        self.silence = env_float(f"RSNAP_{env}_TIMEOUT", self.silence_seconds)
+        self.probe_timeout = env_float(f"RSNAP_{env}_PROBE_TIMEOUT", self.probe_seconds)
         import opendal
         try:
             self._raw = opendal.Operator(service, **options)
