@@ -16,6 +16,7 @@ resolve_store_url); rsnap.store.cache_sync moves its cache/ objects.
 """
 from __future__ import annotations
 
+import re
 import threading
 
 from ..digest import digest_bytes, hash_file
@@ -24,9 +25,13 @@ from .base import Backend
 from .local import LocalStore
 
 
+_PACK = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
+
+
 def pack_id_of(name: str) -> str | None:
-    """The id a pack's bytes must hash to (None: not a pack, nothing to check)."""
-    return name.rsplit("/", 1)[-1] if name.startswith("packs/") else None
+    """The id a pack's bytes must hash to (None: not a pack name, nothing to check)."""
+    m = _PACK.fullmatch(name)
+    return m.group(2) if m else None
 
 
 class TieredStore(Backend):
