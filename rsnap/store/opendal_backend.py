@@ -130,7 +130,8 @@ class OpenDALBackend(Backend):
         raise TransientStoreError(self._dead)
 
     def _run(self, action: str, name: str, request, size: int = 0, deadline: float | None = None):
-        """`request(op)` under the policy above; OpenDAL errors become StoreErrors.
+        """`request(op)` under the policy above; OpenDAL errors become StoreErrors. `size`: of
+        a write (a PUT's body goes in one io step, which a read's chunks do not).
         `deadline` (time.monotonic()): no attempt starts after it, none runs past it."""
         self._reach()
         silences, last = 0, None
@@ -222,7 +223,7 @@ class OpenDALBackend(Backend):
         check_name(name)
         for attempt in range(3):
             try:
-                data = self._run("read", name, lambda op: op.read(name, offset=offset, size=length), size=length)
+                data = self._run("read", name, lambda op: op.read(name, offset=offset, size=length))
             except StoreError as e:
                 if getattr(e, "opendal_kind", "") == "RangeNotSatisfied":
                     raise StoreError(f"store object {name} is truncated") from None
