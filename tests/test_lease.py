@@ -24,7 +24,7 @@ import types
 
 import pytest
 
-from cargo_util import Workspace
+from cargo_util import Workspace, normalize_output
 from rsnap_util import RsnapResult, one_line_error
 
 pytest.importorskip("opendal", reason="the opendal wheel is not installed")
@@ -201,8 +201,15 @@ def lease_ws(built_workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("lease") / "ws"
     shutil.copytree(built_workspace.root, root, symlinks=True)
     ws = Workspace(root, built_workspace.origin, built_workspace.cargo_home)
-    ws.expected_output = built_workspace.run_app()
+    ws.expected_output = normalize_output(built_workspace.run_app(), built_workspace.root)
+    ws.copied_from = built_workspace.root
     return ws
+
+
+def app_output(ws) -> str:
+    """The app's output, either root as <ROOT>: the copied target's binaries name the original
+    root until cargo rebuilds them in the copy."""
+    return normalize_output(normalize_output(ws.run_app(), ws.copied_from), ws.root)
 
 
 def run(ws, bucket, *args, env=None, timeout=300) -> RsnapResult:
@@ -334,7 +341,7 @@ def test_an_unusable_endpoint_fails_fast(lease_ws, bucket, case, record_property
     assert t_save <= 15.0
     if case == "stalls-mid-body":     # the restore was a miss: its target/ must build right
         assert ws.build("build", "--offline").success
-        assert ws.run_app() == ws.expected_output
+        assert app_output(ws) == ws.expected_output
 
 
 # -- the local tier verifies -------------------------------------------------------------------
@@ -357,4 +364,24 @@ def test_a_corrupt_local_copy_is_fetched_again(lease_ws, bucket, tmp_path):
     assert hash_file(bad) == bad.name                    # the bad copy was replaced from the bucket
     build = ws.build("build", "--offline")
     assert build.all_fresh(), build.summary()
-    assert ws.run_app() == ws.expected_output
+    assert app_output(ws) == ws.expected_output
+
+
+def test_pack_reads_that_stall_make_the_restore_a_miss_in_time(lease_ws, bucket):
+    """The lookup answers, then every pack GET stalls mid-body: still a miss within 5 s, and
+    the target it leaves builds right."""
+    ws = lease_ws
+    run(ws, bucket, "save", "--key", "lease-packs", "--no-gc", "--json").check()
+    shutil.rmtree(ws.target)
+    bucket.proxy.inject("stall", times=None, method="GET", path="/packs/")
+    try:
+        restore, t_restore = _timed(lambda: run(ws, bucket, "restore", "--key", "lease-packs", "--json",
+                                               env={"RSNAP_S3_RETRIES": "6", "RSNAP_S3_RETRY_MIN_DELAY": "0.2"}))
+    finally:
+        bucket.proxy.clear()
+    print(f"packs stall: restore miss in {t_restore:.2f} s")
+    assert restore.returncode == 0 and restore.data["result"] == "miss", restore.stdout + restore.stderr
+    assert "stopped answering" in restore.data["message"]
+    assert t_restore <= 5.0
+    assert ws.build("build", "--offline").success
+    assert app_output(ws) == ws.expected_output
