@@ -8,6 +8,8 @@ Each interleaving of the issue's "Found" list has a test here:
   (c) test_suspend_loses_the_lease (time.monotonic() frozen, as in a system suspend)
   (d) test_prune_with_a_small_stale_honours_the_holders
   (e) test_newest_is_by_the_stores_clock
+and the rest of the protocol: prune keeps the packs of manifests it had not seen; the store
+fails fast (a silent port, a refused one, bodies that stall); the local tier verifies packs.
 Short STALE values (RSNAP_S3_LOCK_STALE) keep them fast; moto's LastModified has ms resolution.
 """
 from __future__ import annotations
@@ -385,3 +387,29 @@ def test_pack_reads_that_stall_make_the_restore_a_miss_in_time(lease_ws, bucket)
     assert t_restore <= 5.0
     assert ws.build("build", "--offline").success
     assert app_output(ws) == ws.expected_output
+
+
+def test_prune_keeps_the_packs_of_a_manifest_it_had_not_seen(tmp_path):
+    """A manifest written while prune was between its listing and its pack deletes (by a writer
+    that does not lock, or a save whose lock prune called stale) keeps its packs."""
+    from rsnap.repository import repo
+    from rsnap.store import LocalStore
+    store = LocalStore(tmp_path / "store")
+    old = _manifest(store, "k", time.time_ns(), b"pack of a snapshot prune drops")
+    pack = repo.pack_name(repo.digest_bytes(b"pack of a snapshot prune drops"))
+    env = {**os.environ, "RSNAP_FAULT": "prune.packs:1:stop", "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("CI", None)
+    prune = subprocess.Popen([sys.executable, "-m", "rsnap", "store", "prune", "--store", str(store.root),
+                              "--older-than", "0s", "--grace", "0", "--json"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_stopped(prune)
+        assert store.list("snapshots/") == []          # it deleted the manifest, not yet the pack
+        new = _manifest(store, "k2", time.time_ns(), b"pack of a snapshot prune drops")
+        prune.send_signal(signal.SIGCONT)
+        out, err = prune.communicate(timeout=60)
+    finally:
+        if prune.poll() is None:
+            prune.kill()
+    assert prune.returncode == 0, err
+    assert store.exists(pack) and store.list("snapshots/") == [new] and old != new

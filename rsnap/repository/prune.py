@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from .. import faults
 from ..errors import FormatError, NotFoundError, StoreError
 from ..store.base import NO_LOCK
 from . import manifest as mf, repo
@@ -77,6 +78,7 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
     removed = [{"snapshot": s[0], "key": s[1], "bytes": s[3], "reason": doomed[s[0]]} for s in snaps if s[0] in doomed]
     if not dry_run:
         _delete_in_batches(store, held, [r["snapshot"] for r in removed])   # manifests first, then packs
+        faults.point("prune.packs")
         unseen = _unseen_references(store, {s[0] for s in snaps})
         dead_packs = [(n, size) for n, size in dead_packs if n.rsplit("/", 1)[-1] not in unseen]
         _delete_in_batches(store, held, [n for n, _s in dead_packs] + [n for n, _s in dead_cache])
