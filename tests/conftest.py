@@ -27,7 +27,7 @@ from cargo_util import (Workspace, cargo_env as _cargo_env, create_workspace, mk
                         mkregistry, normalize_output)
 from fixtures.tools import cargohome
 
-pytest_plugins = ["s3_fixtures", "buildkit_fixtures"]  # moto_server, fault_proxy; buildkit, buildkit_session
+pytest_plugins = ["s3_fixtures", "buildkit_fixtures", "gha_fixtures"]  # moto_server, fault_proxy; buildkit, buildkit_session; azurite, gha_server, gha_store
 
 
 @pytest.fixture(scope="session")
