@@ -88,6 +88,12 @@ def account_sas() -> str:
     return "&".join(f"{k}={quote(v, safe='')}" for k, v in q.items())
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it when the test process dies, so no Azurite outlives a killed run."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
+
+
 # -- Azurite --------------------------------------------------------------------------------
 class Azurite:
     """Azurite's blob service on loopback, data in memory; one per test session."""
@@ -102,7 +108,7 @@ class Azurite:
             [str(NODE_DIR / "node_modules" / ".bin" / "azurite-blob"), "--blobHost", "127.0.0.1",
              "--blobPort", str(port), "--inMemoryPersistence", "--silent",
              "--skipApiVersionCheck", "--loose"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=workdir)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -130,7 +136,7 @@ class Azurite:
             raise RuntimeError(f"Azurite: create container {name}: HTTP {status} {body[:200]!r}")
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)    # data is in memory: nothing to flush
+        self.proc.kill()    # data is in memory: nothing to flush
         self.proc.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

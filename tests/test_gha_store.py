@@ -119,3 +119,30 @@ def test_a_dead_service_is_a_restore_miss_within_3s(gha_server, tmp_path, how, m
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert took <= 3.0 and len(lines) == 1, (took, proc.stderr)
     assert "GitHub Actions cache service" in lines[0] and ("cannot reach" in lines[0] or "no answer" in lines[0])
+
+
+def test_compile_cache_entries_go_up_bundled(store, gha_server, tmp_path):
+    """Hundreds of compile-cache entries cost one cache entry per save, and only new bytes."""
+    from rsnap.store import LocalStore
+    from rsnap.store.cache_bundle import sync_down, sync_up
+    tier = LocalStore(tmp_path / "tier")
+    entries = {f"cache/{i:02x}/{i:040x}": os.urandom(300 + i) for i in range(120)}
+    for n, b in entries.items():
+        tier.put(n, b)
+    up = sync_up(store, tier)
+    assert up["cache_entries_uploaded"] == 120 and len(gha_server.keys()) == 1
+    assert sync_up(store, tier)["cache_entries_uploaded"] == 0            # nothing new: no entry
+    fresh = LocalStore(tmp_path / "fresh")
+    assert sync_down(store, fresh)["cache_entries_downloaded"] == 120
+    assert all(fresh.get(n) == b for n, b in entries.items())
+    for i in range(120, 123):
+        fresh.put(f"cache/{i:02x}/{i:040x}", b"new %d" % i)
+    up = sync_up(store, fresh)
+    assert up["cache_entries_uploaded"] == 3 and up["cache_bytes_uploaded"] < 2000
+    assert len(gha_server.keys()) == 2
+    # the first bundle evicted: a new runner still gets what the newest bundle carries
+    first = gha_server.keys()[0]
+    gha_server.delete(lambda k: k == first)
+    third = LocalStore(tmp_path / "third")
+    sync_down(store, third)
+    assert sorted(third.list("cache/")) == [f"cache/{i:02x}/{i:040x}" for i in range(120, 123)]
