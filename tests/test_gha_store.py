@@ -70,17 +70,17 @@ def test_newest_is_the_latest_written_under_a_prefix(store, gha_server):
 
 
 def test_429_is_waited_out_for_its_retry_after(store, gha_server, monkeypatch):
-    monkeypatch.setattr("rsnap.store.gha_lookup._budget_left", [])
+    monkeypatch.setattr("rsnap.store.gha_service._budget_left", [])
     gha_server.throttle(3, retry_after=1, methods={"CreateCacheEntry"})
     started = time.monotonic()
     store.put("packs/aa/t", b"x")
     assert time.monotonic() - started >= 1       # waited (OpenDAL's own 2 quick retries, then Retry-After)
     assert gha_server.counts["throttled"] == 3 and store.get("packs/aa/t") == b"x"
-    gha_server.throttle(2, retry_after=1, methods={"GetCacheEntryDownloadURL"})
+    gha_server.throttle(1, retry_after=1, methods={"GetCacheEntryDownloadURL"})   # within the lookup's 2 s
     assert store.newest("packs/aa/") == "packs/aa/t"
     # a budget spent: the 429 is an error, not a stall
     monkeypatch.setenv("RSNAP_GHA_THROTTLE_BUDGET", "1")
-    monkeypatch.setattr("rsnap.store.gha_lookup._budget_left", [])
+    monkeypatch.setattr("rsnap.store.gha_service._budget_left", [])
     gha_server.throttle(100, retry_after=30)
     started = time.monotonic()
     with pytest.raises(TransientStoreError, match="throttling"):

@@ -5,7 +5,7 @@ It needs what GitHub gives JavaScript actions: ACTIONS_RESULTS_URL and ACTIONS_R
 (rsnap's restore action passes them on). Entries are immutable and the service has no LIST and no
 delete: packs are content-addressed, so a pack someone wrote first is the same pack; manifests
 have unique names; the newest snapshot is found by the service's prefix lookup
-(rsnap.store.gha_lookup); GitHub evicts entries (7 days unused, or over the repository's budget).
+(rsnap.store.gha_service); GitHub evicts entries (7 days unused, or over the repository's budget).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 from urllib.parse import urlparse
 
 from ..errors import PermanentStoreError
-from . import gha_lookup
+from . import gha_service
 from .opendal_backend import MULTIPART_FROM, PART_JOBS, OpenDALBackend, check_name, env_float
 
 VERSION = "rsnap-1"              # the entries' version (namespace): other tools' entries never match
@@ -24,7 +24,7 @@ class GhaStore(OpenDALBackend):
     label = "GitHub Actions cache"
     container = "the GitHub Actions cache"
     denied_hint = "the runtime token was refused (it expires after 6 h; a fork's pull request cannot write)"
-    default_retries = 2              # a 429 is waited out for its Retry-After instead (gha_lookup)
+    default_retries = 2              # a 429 is waited out for its Retry-After instead (gha_service)
 
     def __init__(self, url: str, jobs: int | None = None):
         p = urlparse(url)
@@ -41,7 +41,8 @@ class GhaStore(OpenDALBackend):
                                   "runtime_token": self._token},
                          url=f"gha://{self.prefix}", endpoint=self._results, env="GHA", jobs=jobs)
         self.capabilities = self.capabilities._replace(list=False, delete=False, conditional_create=True)
-        self._op = _WaitOutThrottle(self._op)
+        self.traffic = dict.fromkeys(("entries_down", "bytes_down", "entries_up", "bytes_up"), 0)
+        self._op = gha_service.Metered(self._op, self.traffic)
 
     def put(self, name: str, data: bytes) -> None:
         if not self.put_if_absent(name, data) and not name.startswith(CONTENT_NAMED):
@@ -60,8 +61,8 @@ class GhaStore(OpenDALBackend):
             raise self._error(e, "write", name) from None
 
     def newest(self, prefix: str) -> str | None:
-        key = gha_lookup.newest_key(self._results, self._token, f"{self.prefix}/{prefix}",
-                                    _hash(VERSION), env_float("RSNAP_GHA_LOOKUP_TIMEOUT", 2.0))
+        key = gha_service.newest_key(self._results, self._token, f"{self.prefix}/{prefix}",
+                                    gha_service.version_digest(VERSION), env_float("RSNAP_GHA_LOOKUP_TIMEOUT", 2.0))
         return key[len(self.prefix) + 1:] if key else None
 
     def delete(self, name: str) -> None:
@@ -69,28 +70,3 @@ class GhaStore(OpenDALBackend):
 
     def stat_all(self, prefix: str = "") -> list[tuple[str, int, float]]:
         raise PermanentStoreError(f"{self.url} cannot list its entries (the cache service has no LIST)")
-
-
-class _WaitOutThrottle:
-    """The operator, with each call that ends in 429 repeated after its Retry-After (budgeted)."""
-
-    def __init__(self, op):
-        self._op = op
-
-    def __getattr__(self, attr):
-        fn = getattr(self._op, attr)
-
-        def call(*args, **kw):
-            while True:
-                try:
-                    return fn(*args, **kw)
-                except Exception as e:
-                    if type(e).__name__ != "RateLimited" or not gha_lookup.wait_out_throttle(
-                            gha_lookup.retry_after_seconds(str(e))):
-                        raise
-        return call
-
-
-def _hash(version: str) -> str:
-    import hashlib   # OpenDAL sends the sha256 of the version it is given (v2 wants a digest)
-    return hashlib.sha256(version.encode()).hexdigest()

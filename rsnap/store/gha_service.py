@@ -1,4 +1,4 @@
-"""The GitHub Actions cache service's restore-key lookup, and its 429 budget.
+"""The GitHub Actions cache service's restore-key lookup, its 429 budget, and traffic counts.
 
 OpenDAL's `ghac` asks the service for exact keys only and cannot LIST, so the gha store finds the
 newest snapshot with the service's own prefix match: one twirp call, GetCacheEntryDownloadURL
@@ -73,6 +73,39 @@ def newest_key(results_url: str, token: str, prefix: str, version: str, timeout:
             why = getattr(e, "reason", None) or e
             why = "no answer within %gs" % timeout if "timed out" in str(why) else str(why)
             raise TransientStoreError(f"cannot reach the GitHub Actions cache service at {host} ({why})") from None
+
+
+class Metered:
+    """The operator, counting what crosses the network (the job summary's "moved" line), with
+    each call that ends in 429 repeated after its Retry-After while the budget lasts."""
+
+    def __init__(self, op, traffic: dict):
+        self._op, self._traffic = op, traffic
+
+    def __getattr__(self, attr):
+        fn = getattr(self._op, attr)
+
+        def call(*args, **kw):
+            while True:
+                try:
+                    out = fn(*args, **kw)
+                    break
+                except Exception as e:
+                    if type(e).__name__ != "RateLimited" or not wait_out_throttle(
+                            retry_after_seconds(str(e))):
+                        raise
+            if attr in ("read", "write"):
+                way = "down" if attr == "read" else "up"
+                self._traffic[f"entries_{way}"] += 1
+                self._traffic[f"bytes_{way}"] += len(out if attr == "read" else args[1])
+            return out
+        return call
+
+
+def version_digest(version: str) -> str:
+    """What OpenDAL's ghac sends as the entries' version: the sha256 of the one it is given."""
+    import hashlib
+    return hashlib.sha256(version.encode()).hexdigest()
 
 
 def _env_float(name: str, default: float) -> float:
