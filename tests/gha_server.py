@@ -11,7 +11,7 @@ Signed URLs are Azure service SAS URLs (account devstoreaccount1) through a blob
 server, which forwards them to Azurite unchanged and counts, delays or cuts the blob traffic.
 
 Test controls: `counts` (calls per method, blob requests and bytes), `entries()`, `delete()`
-(eviction), `throttle()` (429 + Retry-After), `hang` (answers nothing), `latency` and
+(eviction), `corrupt()`, `throttle()` (429 + Retry-After), `hang` (answers nothing), `latency` and
 `bandwidth` (a hosted runner's link), `env()` (the variables a runner gives JavaScript actions).
 
 `python tests/gha_server.py` runs one in the foreground and prints its environment.
@@ -296,6 +296,21 @@ class CacheServer:
                                  f"{blob_sas(self.container, e['blob'], 'd')}",
                                  headers={"x-ms-version": SAS_VERSION})
         return [k for k, _ in gone]
+
+    def corrupt(self, pred) -> list[str]:
+        """Flip bytes in the middle of the blobs of the entries whose key `pred(key)` accepts
+        (same length: only reading the content can tell); their keys."""
+        with self.lock:
+            hit = [e for k, e in self._entries.items() if e["finalized"] and pred(k[0])]
+        for e in hit:
+            path = f"/{ACCOUNT}/{self.container}/{e['blob']}"
+            _, _, body = self.azurite.request("GET", f"{path}?{blob_sas(self.container, e['blob'], 'r')}",
+                                              headers={"x-ms-version": SAS_VERSION})
+            mid = len(body) // 2
+            bad = body[:mid] + bytes(b ^ 0xFF for b in body[mid:mid + 64]) + body[mid + 64:]
+            self.azurite.request("PUT", f"{path}?{blob_sas(self.container, e['blob'], 'cw')}", bad,
+                                 {"x-ms-version": SAS_VERSION, "x-ms-blob-type": "BlockBlob"})
+        return [e["key"] for e in hit]
 
     def throttle(self, calls: int, retry_after: float = 1, methods=None) -> None:
         """The next `calls` twirp calls (of `methods`, default all) answer 429 + Retry-After."""

@@ -162,3 +162,36 @@ def test_throttled_save_waits_out_retry_after(gha, saved):
     got = gha.delta()
     assert res.returncode == 0 and got["throttled"] == 4, (res.stderr, got)
     assert any(k.startswith("ci/snapshots/gha-throttled/") for k in gha.server.keys())
+
+
+def _edit_snapshot_packs(gha, ws, rev: str) -> tuple[str, set[str]]:
+    """Save the app edited to `rev` on top of the pristine snapshot: (key, the packs only it has)."""
+    cold_runner(ws)
+    gha.run(ws, "restore", "--key", PRISTINE, "--json").check()
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {rev};")
+    ws.build("build", "--offline")
+    before = set(gha.packs())
+    key = f"gha-damage-{rev}"
+    gha.run(ws, "save", "--key", key, "--json").check()
+    return key, set(gha.packs()) - before
+
+
+@pytest.mark.parametrize("damage", ["evicted", "corrupt"])
+def test_damaged_packs_rebuild_only_their_units(gha, saved, damage):
+    """GitHub evicts entries (7 days unused, or over budget): a missing or corrupt pack costs only
+    the units whose files it holds (here the edited app) and their dependents, and never a stale build."""
+    ws = saved
+    rev = "5" if damage == "evicted" else "6"
+    key, own = _edit_snapshot_packs(gha, ws, rev)
+    assert own
+    if damage == "evicted":
+        assert gha.server.delete(lambda k: k in own)
+    else:
+        assert gha.server.corrupt(lambda k: k in own)
+    cold_runner(ws)
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {rev};")
+    res = gha.run(ws, "restore", "--key", key, "--json")
+    assert res.returncode == 0, res.stderr
+    build = ws.build("build", "--offline")
+    assert build.compiled() == {"app"}, build.summary()
+    assert f"rev={rev}" in ws.run_app()
