@@ -15,7 +15,8 @@ from ..cargo.layout import discover
 from ..errors import StoreError
 from ..progress import human_bytes
 from ..snapshot.roots import restore_interrupted
-from ..store import open_store, repo
+from ..store import open_store
+from ..repository import repo
 from . import commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -129,10 +130,11 @@ def key(manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt):
     inputs = keys.key_inputs(ws)
     k = keys.default_key(inputs)
     if as_json:
-        print(json.dumps({"key": k, "restore_prefix": keys.family_prefix(inputs), "inputs": inputs}, sort_keys=True))
+        print(json.dumps({"key": k, "restore_prefix": keys.family_prefix(inputs),
+                          "restore_prefixes": keys.fallback_prefixes(inputs), "inputs": inputs}, sort_keys=True))
     else:
         print(k)
-        print(f"# fallback prefix: {keys.family_prefix(inputs)}")
+        print(f"# fallback prefixes: {' then '.join(keys.fallback_prefixes(inputs))}")
         for name, value in inputs.items():
             if isinstance(value, str) and "\n" in value:
                 value = value.strip().splitlines()[0] + " ..."
@@ -149,7 +151,7 @@ def status(
     what the target dir holds. Reads only; writes nothing."""
     ws = discover(manifest_path)
     k, inputs = commands.key_and_inputs(ws, key)
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
             "interrupted_restore": restore_interrupted(ws)}
@@ -223,7 +225,7 @@ def store_prune(store: Optional[str] = StoreOpt,
     """Delete old snapshots (--keep per key, --older-than, --max-size) and packs no snapshot references (in --scope's namespace)."""
     from ..cargo.gc import parse_size
     from ..errors import RsnapError, EXIT_USAGE
-    from ..store import prune
+    from ..repository import prune
     try:
         age = prune.parse_duration(older_than) if older_than else None
         grace_s = prune.parse_duration(grace) if grace else None
@@ -237,6 +239,29 @@ def store_prune(store: Optional[str] = StoreOpt,
                  f"({human_bytes(out['bytes_freed'])} freed); kept {out['snapshots_kept']} snapshots "
                  f"({human_bytes(out['bytes_kept'])}){' (dry run)' if dry_run else ''}")
     commands.emit(as_json, out, "\n".join(lines))
+
+
+@store_app.command("check")
+def store_check(store: Optional[str] = StoreOpt,
+                read_data: bool = typer.Option(
+                    False, "--read-data", help="Also read every referenced pack and verify each blob's size and "
+                                               "xxh3, as a restore does (reads the whole store)."),
+                repair: bool = typer.Option(
+                    False, "--repair", help="Drop the damaged snapshots (and damaged packs no other snapshot "
+                                            "uses), under the exclusive store lock; the next save writes the content again."),
+                as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt):
+    """Find snapshots that reference missing, truncated or (--read-data) corrupt packs, or whose
+    manifest is unreadable (in --scope's namespace).
+
+    Exit codes: 0 no damage (or --repair dropped all of it), 3 damage found (or the store could
+    not be read), 2 bad usage."""
+    from ..errors import EXIT_STORE
+    from ..repository import check
+    st = open_store(store, create=False, scope=scope or "")
+    out = check.check(st, read_data=read_data, repair=repair)
+    commands.emit(as_json, out, check.format_report(out))
+    if out["snapshots_damaged"] and not out["repaired"]:
+        raise typer.Exit(EXIT_STORE)
 
 
 def _iso(ns: int) -> str:
