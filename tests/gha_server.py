@@ -24,6 +24,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -266,6 +267,11 @@ class CacheServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
+    def behind(self, endpoint: str) -> None:
+        """Be reached at `endpoint` (a proxy in front, e.g. tests/fault_proxy.py): the URL in
+        env() and in the signed URLs, so blob traffic goes through it too."""
+        self.url = endpoint.rstrip("/") + "/"
+
     def env(self) -> dict[str, str]:
         """The variables GitHub's runner gives JavaScript actions (and rsnap's gha store reads)."""
         return {"ACTIONS_CACHE_SERVICE_V2": "True", "ACTIONS_RESULTS_URL": self.url,
@@ -459,9 +465,11 @@ def _handler(server: CacheServer):
             headers = {k: v for k, v in self.headers.items()
                        if k.lower() not in ("host", "transfer-encoding", "connection", "content-length")}
             status, rheaders, rbody = server.azurite.request(self.command, self.path, body, headers)
-            if rheaders.get("Content-Range", "").endswith("--1/0"):
-                # Azurite answers a range of an empty blob with "bytes 0--1/0"; Azure with 416
-                status, rheaders, rbody = 416, {"Content-Range": "bytes */0"}, b""
+            m = re.fullmatch(r"bytes (\d+)-(-?\d+)/(\d+)", rheaders.get("Content-Range", ""))
+            if m and int(m[2]) < int(m[1]):
+                # Azurite answers a range starting at the end ("bytes 10-9/10", "bytes 0--1/0"
+                # for an empty blob) with 206; Azure with 416 InvalidRange
+                status, rheaders, rbody = 416, {"Content-Range": f"bytes */{m[3]}"}, b""
             server.counts["blob_" + self.command.lower()] += 1
             server.counts["bytes_up"] += len(body)
             server.counts["bytes_down"] += len(rbody) if self.command == "GET" else 0

@@ -121,10 +121,11 @@ def test_restore_miss_build_save_then_exact_hit(runner, tmp_path):
 
 
 def ci_run(ws, env, **inputs) -> None:
-    """One job: the restore action, cargo, the save action, with the same inputs."""
-    run_action("restore", inputs, ws, env)
-    _cargo(ws, env)
-    run_action("save", {**inputs, "prune-keep": ""}, ws, env)
+    """One job: the restore action, cargo, the save action, with the same inputs (and, as on a
+    runner, what the restore put in GITHUB_ENV for the later steps)."""
+    _, ghenv, _ = run_action("restore", inputs, ws, env)
+    _cargo(ws, dict(env, **ghenv))
+    run_action("save", {**inputs, "prune-keep": ""}, ws, dict(env, **ghenv))
 
 
 def test_restore_keys_fall_back_and_scope_is_exported(runner, tmp_path):
@@ -175,7 +176,8 @@ def test_actions_default_to_the_gha_store_and_never_leak_the_token(runner, tmp_p
     assert out["result"] == "miss" and ghenv["RSNAP_STORE"] == "gha://rsnap" and ghenv["CARGO_INCREMENTAL"] == "1"
     assert stat.S_IMODE((job1 / "rsnap-runtime.env").stat().st_mode) == 0o600
     _cargo(ws, dict(env, **ghenv))
-    saved, _, log2 = run_action("save", {"key": out["cache-primary-key"]}, ws, dict(env, **ghenv), runtime=runtime, tmp=job1)
+    saved, _, log2 = run_action("save", {}, ws, dict(env, **ghenv), runtime=runtime, tmp=job1)
+    assert saved["key"] == out["cache-primary-key"]     # CARGO_INCREMENTAL, a key input, was set before the restore
     assert f"rsnap/snapshots/{saved['key']}/" in " ".join(gha_server.keys())
     for text in (log, log2, (job1 / "env").read_text(), (job1 / "summary").read_text()):
         assert token not in text

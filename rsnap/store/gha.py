@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
-from ..errors import PermanentStoreError
+from ..errors import PermanentStoreError, StoreError
 from . import gha_service
 from .opendal_backend import MULTIPART_FROM, PART_JOBS, OpenDALBackend, check_name, env_float
 
@@ -59,6 +59,14 @@ class GhaStore(OpenDALBackend):
             if not type(e).__module__.startswith("opendal"):
                 raise
             raise self._error(e, "write", name) from None
+
+    def _error(self, e: Exception, action: str, name: str = "") -> StoreError:
+        text = str(e)
+        if "status: 416" in text:       # ghac reports Azure's InvalidRange as Unexpected
+            return StoreError(f"store object {name} is truncated")
+        if "status: 404" in text and "service_operation: Download" not in text:   # a twirp route
+            return PermanentStoreError(f"no GitHub Actions cache service at {self.endpoint} (HTTP 404)")
+        return super()._error(e, action, name)
 
     def newest(self, prefix: str) -> str | None:
         key = gha_service.newest_key(self._results, self._token, f"{self.prefix}/{prefix}",
