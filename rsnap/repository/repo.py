@@ -246,9 +246,9 @@ def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
     return out
 
 
-def newest_snapshots(store, key_prefix: str, limit: int = 1, near: str = "", exact: bool = False) -> list[str]:
+def newest_snapshots(store, key_prefix: str, limit: int | None = 1, near: str = "", exact: bool = False) -> list[str]:
     """Names of the newest snapshots whose key starts with `key_prefix` (is it, with `exact`),
-    newest first, the one nearest `near` first (nearest_first). A store without LIST names only
+    newest first (`limit` of them, None: all), the one nearest `near` first (nearest_first). A store without LIST names only
     the newest one under a prefix (Backend.newest): then that of `near`'s key, then the prefix's."""
     if store.capabilities.list:
         found = [s for s in list_snapshots(store, key_prefix) if not exact or s[1] == key_prefix]
