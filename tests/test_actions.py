@@ -201,3 +201,22 @@ def test_actions_default_to_the_gha_store_and_never_leak_the_token(runner, tmp_p
     # a user's own CARGO_INCREMENTAL stays as it is
     _, ghenv, _ = run_action("restore", {}, ws, dict(env, CARGO_INCREMENTAL="0"), runtime=runtime, tmp=tmp_path / "job3")
     assert "CARGO_INCREMENTAL" not in ghenv
+
+
+def test_install_defaults_to_the_actions_own_checkout(runner, tmp_path):
+    """No rsnap on PATH: the restore action pip-installs rsnap from its own checkout (the
+    action's ref pins the version) into a venv in RUNNER_TEMP, never a PyPI package named rsnap."""
+    ws, env = runner
+    pybin = tmp_path / "python-only"
+    pybin.mkdir()
+    (pybin / "python3").symlink_to(sys.executable)
+    bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    bare["PATH"] = os.pathsep.join([str(pybin), str(Path(shutil.which("cargo")).parent), "/usr/bin", "/bin"])
+    assert subprocess.run(["bash", "-c", "command -v rsnap"], env=bare, capture_output=True).returncode == 1
+    out, ghenv, log = run_action("restore", {"store": str(tmp_path / "store")}, ws, bare)
+    assert out["result"] == "miss", log
+    venv_bin = (tmp_path / "gh-restore" / "path").read_text().strip()
+    assert venv_bin == str(tmp_path / "gh-restore" / "rsnap-venv" / "bin")
+    where = subprocess.run([f"{venv_bin}/python", "-c", "import rsnap.store.gha as g; print(g.__file__)"],
+                           env=bare, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(tmp_path / "gh-restore" / "rsnap-venv"))    # this checkout's code, installed
