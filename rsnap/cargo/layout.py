@@ -80,6 +80,22 @@ def discover(manifest_path: str | None = None, with_deps: bool = False) -> Works
     return ws
 
 
+def add_outside_path_packages(ws: Workspace) -> None:
+    """Add the path packages outside the workspace (found by the slower, resolving `cargo
+    metadata`) to `ws`, when Cargo.lock says there are any."""
+    if not _has_outside_path_packages(ws.root, [{"name": n} for n in ws.package_dirs_by_name]):
+        return
+    try:
+        meta = run_cargo_metadata(str(ws.manifest_path), no_deps=False)
+    except RsnapError:
+        return  # offline resolution failed: workspace members are enough
+    for pkg in meta["packages"]:
+        d = Path(pkg["manifest_path"]).parent
+        if pkg.get("source") is None and d not in ws.path_package_dirs:
+            ws.path_package_dirs.append(d)
+            ws.package_dirs_by_name.setdefault(pkg["name"], d)
+
+
 def _has_outside_path_packages(root: Path, members: list[dict]) -> bool:
     """Does Cargo.lock list a path package (no `source`) that is not a workspace member?
     Only then is the slower, resolving `cargo metadata` needed to find its directory.

@@ -190,6 +190,13 @@ def _record_file(records, path: Path, root: Path) -> None:
     records[name] = [name, "f", st.st_size, st.st_mtime_ns, digest]
 
 
+def find_outside_packages(ws, recorded_dirs: list[str]) -> None:
+    """The snapshot's build read path packages outside the workspace: find them (the resolving
+    `cargo metadata`) before the restore takes cargo's package-cache lock, which that waits for."""
+    if any(not _below_any(str(_resolve(d, ws.root)), [str(t) for t in source_dirs(ws)]) for d in recorded_dirs):
+        layout.add_outside_path_packages(ws)
+
+
 def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact_ns: int,
               links: list[list] = ()) -> RetimeStats:
     """Set recorded mtimes back on unchanged inputs; push changed/new ones past every artifact.
@@ -200,7 +207,7 @@ def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact
     seen: set[str] = set()
     skip = _skip_dirs(ws)
     scope = _Scope(source_dirs(ws))
-    for top in source_dirs(ws):  # never a dir the manifest names: it may name any dir
+    for top in source_dirs(ws):  # packages cargo reports, never a dir the manifest names (it may name any)
         if not top.is_dir():
             continue
         for d, _is_dir, entries in _walk_sources(top, skip):

@@ -45,6 +45,7 @@ def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None
     """Hold cargo's locks (build dirs, package cache) for the whole restore, planning included.
     `predict_with(tree, changed_paths)`: the rebuild prediction (rsnap.snapshot.predict), made
     before the data files are written; with it, a partial restore (rsnap.snapshot.partial)."""
+    mtimes.find_outside_packages(ws, m.source_dirs)
     locks = cargo_lock_files(ws, m) + [ws.cargo_home / ".package-cache", ws.cargo_home / ".package-cache-mutate"]
     with cargo_locks(locks, exclusive=True):
         return _restore(ws, store, snapshot_name, m, progress, predict_with)
