@@ -60,10 +60,12 @@ ALL_LAYOUTS = ("legacy", "legacy-outside", "new", "new-outside")
 
 
 def layout_env(layout: str, root: Path) -> dict[str, str]:
-    """Cargo env for a layout; "-outside": build.build-dir outside the workspace, beside it."""
+    """Cargo env for a layout; "-outside": build.build-dir outside the workspace, beside it
+    (`<root>.target`)."""
     env = dict(NEW_LAYOUT_ENV) if layout.startswith("new") else {}
     if layout.endswith("-outside"):
-        env["CARGO_BUILD_BUILD_DIR"] = str(root.parent / f"{root.name}.build-dir")
+        # as long a path as <root>/target: what cargo writes (dep-info, debuginfo) is the same size
+        env["CARGO_BUILD_BUILD_DIR"] = str(root.parent / f"{root.name}.target")
     return env
 
 

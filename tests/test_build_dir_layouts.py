@@ -1,0 +1,119 @@
+"""Issue 19 acceptance: every layout cargo users run today, with the build dir inside the target dir
+and outside the workspace (cargo_util.ALL_LAYOUTS: legacy, legacy-outside, new, new-outside; "new" is
+cargo 1.100's layout, built by cargo 1.95 behind -Zbuild-dir-new-layout).
+
+One `cargo build` + `rsnap save` per layout, shared by the module. What cargo did is read from its
+own output (--message-format=json `fresh`, -v `Running` lines), what is on disk from the files.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cargo_util import ALL_LAYOUTS, create_workspace
+from rsnap_util import cargo_sets, cold_runner, rebuild_sets, rsnap
+
+CORE = ("crates/core/src/lib.rs", "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 2;")
+
+
+@pytest.fixture(scope="module")
+def saved(registry, gitdep_url, tmp_path_factory):
+    """layout -> (workspace, store, its fresh-runner restore --json), each built and saved once."""
+    made: dict[str, tuple] = {}
+
+    def get(layout: str):
+        if layout not in made:
+            ws = create_workspace(tmp_path_factory.mktemp(layout) / "ws", registry.index_url, gitdep_url, layout=layout)
+            ws.build("build")
+            store = ws.root.parent / "store"
+            rsnap(ws, store, "save", "--json").check()
+            cold_runner(ws)
+            made[layout] = ws, store, rsnap(ws, store, "restore", "--json").check().data
+        return made[layout]
+    return get
+
+
+def _units_on_disk(ws) -> tuple[set, set]:
+    """(unit dirs of the new layout, of the legacy layout) in the build dir."""
+    new = {p.parent.name for p in ws.build_dir.glob("debug/build/*/*/fingerprint")}
+    return new, {p.name for p in ws.build_dir.glob("debug/.fingerprint/*")}
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_fresh_runner_restore_compiles_nothing(saved, layout):
+    ws, _store, restored = saved(layout)
+    new, legacy = _units_on_disk(ws)
+    assert (bool(new), bool(legacy)) == (layout.startswith("new"), layout.startswith("legacy")), (new, legacy)
+    assert (ws.build_dir != ws.target) == layout.endswith("-outside")
+    assert not ws.build_dir.is_relative_to(ws.root) or not layout.endswith("-outside")
+    assert restored["result"] == "exact" and restored["rebuild"] == []
+    build = ws.build("build", "--offline")
+    assert build.units and all(u.fresh for u in build.units) and not build.scripts_run, build.summary()
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_one_line_lib_change_is_predicted_and_build_script_input_reruns(saved, layout):
+    ws, store, _restored = saved(layout)
+    cold_runner(ws)
+    ws.replace(*CORE)
+    restored = rsnap(ws, store, "restore", "--json").check().data
+    build = ws.build("build", "--offline")
+    assert build.compiled() == {"ws-core", "ws-util", "ws-gen", "app"}, build.summary()
+    assert rebuild_sets(restored["rebuild"]) == cargo_sets(build), (restored["rebuild"], build.summary())
+    core = next(e for e in restored["rebuild"] if e["package"] == "ws-core")
+    assert "crates/core/src/lib.rs changed" in core["reason"]
+    assert restored["skipped"]["units"] >= 4  # the partial restore left out what cargo rebuilt
+    assert "rev=2" in ws.run_app()
+    cold_runner(ws)
+    ws.write("crates/gen/data/words.txt", "eta theta\n")
+    restored = rsnap(ws, store, "restore", "--json").check().data
+    build = ws.build("build", "--offline")
+    assert build.scripts_run == {"ws-gen"}, build.summary()
+    assert rebuild_sets(restored["rebuild"]) == cargo_sets(build), (restored["rebuild"], build.summary())
+    assert "theta" in ws.run_app()
+    explained = rsnap(ws, store, "explain", "--json").check().data
+    assert explained["mispredicted"] == [], explained["mispredicted"]
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+def test_uplifts_come_back_as_hard_links_and_cost_no_bytes(saved, layout):
+    """cargo hard-links `target/debug/app` to its unit's output in the build dir: with the build dir
+    outside the target dir the restore links it there again, and writes no more bytes than with
+    the build dir inside."""
+    inside_ws, _s, inside = saved(layout)
+    ws, _store, outside = saved(f"{layout}-outside")
+    for w in (inside_ws, ws):
+        cold_runner(w)
+        rsnap(w, w.root.parent / "store", "restore", "--json").check()
+    app = os.stat(ws.target / "debug" / "app")
+    twins = [p for p in ws.build_dir.rglob("app*") if p.is_file() and os.stat(p).st_ino == app.st_ino]
+    assert app.st_nlink >= 2 and twins, "target/debug/app is not a hard link into the build dir"
+    assert outside["bytes_written"] <= inside["bytes_written"], (outside["bytes_written"], inside["bytes_written"])
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert os.stat(ws.target / "debug" / "app").st_ino == app.st_ino  # cargo did not re-link it
+
+
+def test_hostile_source_outside_the_packages_is_left_alone(saved, tmp_path):
+    """A store writer appends a source record naming a file outside the workspace's packages (a
+    2020 mtime, any digest): restore moves no such file, says so once, and the build is right."""
+    from rsnap.store import manifest as mf, open_store, repo
+    ws, store, _restored = saved("new-outside")
+    victim = tmp_path / "victim.rs"
+    victim.write_text("fn main() {}\n")
+    (tmp_path / "Cargo.toml").write_text("[package]\nname = \"victim\"\n")  # a package, not this workspace's
+    before = {p: p.stat().st_mtime_ns for p in (victim, tmp_path / "Cargo.toml")}
+    st = open_store(str(store), create=False)
+    m = repo.read_manifest(st, repo.find_snapshot(st, rsnap(ws, store, "key", "--json").check().data["key"], [])[0])
+    m.sources.append([str(victim), "f", 7, 1_577_836_800 * 10**9, "0" * 32])
+    m.source_dirs.append(str(tmp_path))
+    m.created_ns += 1  # the newest snapshot of the key
+    repo.write_manifest(st, m, mf.dumps(m))
+    cold_runner(ws)
+    res = rsnap(ws, store, "restore", "--json")
+    res.check()
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert res.stderr.count("outside the workspace's packages") == 1, res.stderr
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
