@@ -79,6 +79,7 @@ class Scene:
     store: Path
     revs: dict
     t1: Path                                   # target built from c1: a persistent runner's old target
+                                               # (and t1.build: its build dir, if outside)
     restore_points: dict = field(default_factory=dict)
     save_points: collections.Counter | None = None
     n: int = 0
@@ -90,14 +91,15 @@ def _edit_c2(ws) -> None:
     ws.write("crates/gen/data/words.txt", "alpha beta zeta\n")
 
 
-@pytest.fixture(scope="module")
-def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
+def _scene(registry, gitdep_url, tmp_path_factory, layout: str) -> Scene:
     base = tmp_path_factory.mktemp("rel")
-    ws = create_workspace(base / "ws", registry.index_url, gitdep_url)
+    ws = create_workspace(base / "ws", registry.index_url, gitdep_url, layout=layout)
     store = base / "store"
     c1 = ws.head()
     ws.build("build")
     copy_tree(ws.target, base / "t1")
+    if ws.build_dir != ws.target:
+        copy_tree(ws.build_dir, base / "t1.build")
     run_rsnap(ws, store, "save", "--json").check()
     _edit_c2(ws)
     c2 = ws.commit("c2")
@@ -105,6 +107,17 @@ def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
     run_rsnap(ws, store, "save", "--json").check()
     return Scene(ws, base, store, {"c1": c1, "c2": c2}, base / "t1",
                  home_config=(ws.cargo_home / "config.toml").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
+    return _scene(registry, gitdep_url, tmp_path_factory, "legacy")
+
+
+@pytest.fixture(scope="module")
+def scene_new_layout(registry, gitdep_url, tmp_path_factory) -> Scene:
+    """The same on cargo 1.100's layout with build.build-dir outside the workspace."""
+    return _scene(registry, gitdep_url, tmp_path_factory, "new-outside")
 
 
 def _cold_home(ws) -> None:
@@ -119,8 +132,11 @@ def _prepare(scene: Scene, rev: str, old_mtimes: bool, persistent: bool, cold_ho
     checkout(ws, scene.revs[rev])
     set_source_mtimes(ws, OLD_MTIME_NS if old_mtimes else None)
     shutil.rmtree(ws.target, ignore_errors=True)
+    shutil.rmtree(ws.build_dir, ignore_errors=True)
     if persistent:
         copy_tree(scene.t1, ws.target)
+        if ws.build_dir != ws.target:
+            copy_tree(scene.t1.with_name("t1.build"), ws.build_dir)
     if cold_home:
         _cold_home(ws)
 
@@ -172,6 +188,17 @@ SHAPE = st.fixed_dictionaries({"rev": st.sampled_from(["c1", "c2"]), "old_mtimes
 @settings(max_examples=CRASH_EXAMPLES, **HYPOTHESIS)
 @given(shape=SHAPE, which=st.integers(0, 10**6), frac=st.floats(0, 1, exclude_max=True), build_first=st.booleans())
 def test_restore_killed_at_any_point_is_never_stale(scene, shape, which, frac, build_first):
+    restore_killed(scene, shape, which, frac, build_first)
+
+
+@settings(max_examples=max(CRASH_EXAMPLES // 3, 2), **HYPOTHESIS)
+@given(shape=SHAPE, which=st.integers(0, 10**6), frac=st.floats(0, 1, exclude_max=True), build_first=st.booleans())
+def test_restore_killed_new_layout_build_dir_outside(scene_new_layout, shape, which, frac, build_first):
+    """A slice of the above on cargo 1.100's layout with the build dir outside the workspace."""
+    restore_killed(scene_new_layout, shape, which, frac, build_first)
+
+
+def restore_killed(scene, shape, which, frac, build_first) -> None:
     """kill -9 of `rsnap restore` at a fault point; then either cargo builds right away, or the next
     rsnap command detects the interrupted restore and repairs it. Both must give a correct program.
 
