@@ -123,3 +123,27 @@ def test_hostile_source_outside_the_packages_is_left_alone(saved, tmp_path):
     assert res.stderr.count("outside the workspace's packages") == 1, res.stderr
     build = ws.build("build", "--offline")
     assert build.all_fresh(), build.summary()
+
+
+def test_both_layouts_in_one_build_dir(make_workspace, tmp_path):
+    """A cargo upgrade: units of the legacy layout and of the new one side by side in one target
+    dir. rsnap tells them apart on disk; the snapshot restores fresh for the new cargo, and GC
+    drops the legacy units once the new cargo builds without them."""
+    from cargo_util import NEW_LAYOUT_ENV
+    from rsnap.cargo import target_layout
+    ws = make_workspace()
+    ws.build("build")
+    ws.env.update(NEW_LAYOUT_ENV)
+    ws.build("build")
+    assert target_layout.layouts_on_disk(ws.target) == {target_layout.LEGACY, target_layout.NEW}
+    store = tmp_path / "store"
+    rsnap(ws, store, "save", "--json", "--no-gc").check()
+    cold_runner(ws)
+    restored = rsnap(ws, store, "restore", "--json").check().data
+    assert restored["result"] == "exact"
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    saved = rsnap(ws, store, "save", "--json").check().data  # gc: the legacy units were not used
+    assert saved["gc"]["removed"]["units"] >= 9, saved["gc"]["removed"]
+    assert target_layout.layouts_on_disk(ws.target) == {target_layout.NEW}
+    assert ws.build("build", "--offline").all_fresh()

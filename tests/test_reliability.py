@@ -710,6 +710,10 @@ def _hostile_store(scene, tmp: Path, mutate) -> Path:
     return store
 
 
+def _any_path(doc, root: str) -> str:
+    return next(e[0] for e in _root(doc, root)["entries"] if e[1] == "f")
+
+
 def _root(doc, name):
     return next(r for r in doc["roots"] if r["name"] == name)
 
@@ -748,6 +752,13 @@ HOSTILE = {
     "hardlink-absolute": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "@OUTSIDE@/keep"]),
     "hardlink-to-dir": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "debug"]),
     "hardlink-to-missing": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "debug/nothing"]),
+    # format 3: a hard link into another root joins only the target and build dirs, to a file of that root
+    "hardlink-across-to-cargo-home": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1,
+                                                                  _any_path(d, "cargo_home"), "cargo_home"]),
+    "hardlink-across-no-such-root": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, _a_file(d)[0], "build"]),
+    "hardlink-across-own-root": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, _a_file(d)[0], "target"]),
+    "hardlink-across-dotdot": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "../outside/keep", "build"]),
+    "hardlink-across-unknown-root": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, _a_file(d)[0], "/"]),
     "hardlink-as-fingerprint": lambda d: _add(d, "target", ["debug/.fingerprint/x-0123456789abcdef/lib-x", "h",
                                                             0o644, 0, 1, _a_file(d)[0]]),
     "setuid": lambda d: _add(d, "target", ["debug/suid", "f", 0o104755, 3, 1, _a_file(d)[5]]),
@@ -764,6 +775,9 @@ HOSTILE = {
     "source-dotdot": lambda d: d["sources"].append(["../outside/keep", "f", 1, 1, "0" * 32]),
     "source-dir-dotdot": lambda d: d["source_dirs"].append("../outside"),
     "source-dir-not-a-package": lambda d: d["source_dirs"].append("@OUTSIDE@"),
+    # issue 19: a source record naming a file outside the workspace's packages, with a 2020 mtime
+    "source-outside-packages": lambda d: d["sources"].append(["@OUTSIDE@/keep", "f", 7, 1_577_836_800 * 10**9,
+                                                             "0" * 32]),
     "source-bad-mtime": lambda d: d["sources"].append(["Cargo.toml", "f", 1, "soon", "0" * 32]),
     "blob-huge-clen": lambda d: d["blobs"].update({_a_file(d)[5]: [d["blobs"][_a_file(d)[5]][0], 0, 1 << 40,
                                                                    _a_file(d)[3]]}),
@@ -773,7 +787,7 @@ HOSTILE = {
     "created-inf": lambda d: d.update(created_ns=float("inf")),
     "roots-not-list": lambda d: d.update(roots="target"),
 }
-HOSTILE_CODES = {"blob-huge-clen": 3, "source-dir-not-a-package": 0}
+HOSTILE_CODES = {"blob-huge-clen": 3, "source-dir-not-a-package": 0, "source-outside-packages": 0}
 
 
 def _outside_state(scene, source_mtimes: bool = True) -> dict:
