@@ -104,7 +104,8 @@ def test_uplifts_come_back_as_hard_links_and_cost_no_bytes(saved, layout):
 def test_hostile_source_outside_the_packages_is_left_alone(saved, tmp_path):
     """A store writer appends a source record naming a file outside the workspace's packages (a
     2020 mtime, any digest): restore moves no such file, says so once, and the build is right."""
-    from rsnap.store import manifest as mf, open_store, repo
+    from rsnap.repository import manifest as mf, repo
+    from rsnap.store import open_store
     ws, store, _restored = saved("new-outside")
     victim = tmp_path / "victim.rs"
     victim.write_text("fn main() {}\n")

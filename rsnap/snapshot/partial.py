@@ -23,7 +23,7 @@ import os
 
 from ..cargo import fingerprints as fpr, target_layout
 from ..cargo.layout import RSNAP_DIR
-from ..store import manifest as mf
+from ..repository import manifest as mf
 
 RECORD = "unmaterialized.json"
 NON_COMPILING = ("run-build-script",)
@@ -54,7 +54,7 @@ class PlannedTree(fpr.ManifestTree):
             pass
         if self.store is None or e.size > 1 << 20 or e.digest not in self.m.blobs:
             return None
-        from ..store import repo
+        from ..repository import repo
         return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
 
 

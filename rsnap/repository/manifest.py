@@ -6,7 +6,7 @@ file's content, a symlink's target, or "" for a directory; an "h" entry is a har
 link whose digest is the path of a file entry of the same root, or (format 3) of the root named
 by a seventh element (cargo's uplifts from a separate build dir into the target dir). `blobs` maps each digest
 to its location [pack, offset, compressed_len, size]; `chunks` maps the digest of a big file
-stored in pieces (rsnap.store.chunking) to the digests of its chunks, each a blob. `sources` records the files
+stored in pieces (rsnap.repository.chunking) to the digests of its chunks, each a blob. `sources` records the files
 cargo's freshness checks read: [path, type, size, mtime_ns, digest], path relative
 to the workspace root (absolute when outside it).
 
