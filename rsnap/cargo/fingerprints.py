@@ -229,7 +229,7 @@ class DiskTree:
 
     def fingerprint_files(self):
         for dirpath, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not target_layout.skip_when_looking_for_fingerprints(d)]
+            dirs[:] = [d for d in dirs if not target_layout.skip_when_looking_for_fingerprints(dirpath, d)]
             rel_dir = os.path.relpath(dirpath, self.root)
             for fn in files:
                 if fingerprint_dir_of(f"{rel_dir}/{fn}"):

@@ -135,9 +135,11 @@ def proc_macro_candidates(profile: str, package: str, unit_hash: str, crate: str
             for ext in (".so", ".dylib")]
 
 
-def skip_when_looking_for_fingerprints(name: str) -> bool:
-    """Dirs of a build dir that never hold fingerprint files (walks prune them)."""
-    return name in ("incremental", "deps", "out", "run", "examples", "native", ".rsnap")
+def skip_when_looking_for_fingerprints(parent: str, name: str) -> bool:
+    """Dirs of a build dir that never hold fingerprint files (walks prune them); below `build/`
+    a dir is a package's, whatever its name."""
+    return os.path.basename(parent) != "build" and name in ("incremental", "deps", "out", "run", "examples",
+                                                              "native", ".rsnap")
 
 
 # ---------------------------------------------------------------- on disk
@@ -216,7 +218,8 @@ def build_script_outputs(root: Path):
 def depinfo_files(root: Path):
     """rustc's makefile `.d` files anywhere under a target/build dir (incremental dirs aside)."""
     for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in ("incremental", ".rsnap", LEGACY_FINGERPRINTS, "fingerprint", "run")]
+        if os.path.basename(dirpath) != "build":  # below build/: package dirs, whatever their names
+            dirs[:] = [d for d in dirs if d not in ("incremental", ".rsnap", LEGACY_FINGERPRINTS)]
         for fn in files:
             if fn.endswith(".d"):
                 yield Path(dirpath) / fn
