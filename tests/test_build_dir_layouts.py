@@ -99,6 +99,19 @@ def test_uplifts_come_back_as_hard_links_and_cost_no_bytes(saved, layout):
     build = ws.build("build", "--offline")
     assert build.all_fresh(), build.summary()
     assert os.stat(ws.target / "debug" / "app").st_ino == app.st_ino  # cargo did not re-link it
+    # in the manifest: links from the target root into the build root (format 3); inside: format 2
+    formats = {}
+    for w in (inside_ws, ws):
+        m = _newest_manifest(w.root.parent / "store")
+        formats[w.layout] = m.format, {e.link_root for r in m.roots for e in r.entries if e.type == "h"}
+    assert formats == {layout: (2, {""}), f"{layout}-outside": (3, {"build"})}, formats
+
+
+def _newest_manifest(store):
+    from rsnap.repository import repo
+    from rsnap.store import open_store
+    st = open_store(str(store), create=False)
+    return repo.read_manifest(st, max(repo.list_snapshots(st), key=lambda s: s[2])[0])
 
 
 def test_hostile_source_outside_the_packages_is_left_alone(saved, tmp_path):
