@@ -104,7 +104,8 @@ def test_uplifts_come_back_as_hard_links_and_cost_no_bytes(saved, layout):
     for w in (inside_ws, ws):
         m = _newest_manifest(w.root.parent / "store")
         formats[w.layout] = m.format, {e.link_root for r in m.roots for e in r.entries if e.type == "h"}
-    assert formats == {layout: (2, {""}), f"{layout}-outside": (3, {"build"})}, formats
+    assert formats[layout] == (2, {""}) and formats[f"{layout}-outside"][0] == 3, formats
+    assert "build" in formats[f"{layout}-outside"][1], formats
 
 
 def _newest_manifest(store):
