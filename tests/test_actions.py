@@ -190,6 +190,7 @@ def test_actions_default_to_the_gha_store_and_never_leak_the_token(runner, tmp_p
     out, ghenv, _ = run_action("restore", {}, ws, env, runtime=runtime, tmp=job2)
     assert out["result"] == "exact"
     assert f"| hit | exact: `{saved['key']}`" in (job2 / "summary").read_text()
+    assert re.search(r"\| moved \| [\d.]+ [KM]B in \d+ entries down", (job2 / "summary").read_text())
     main = ws / "crates" / "app" / "src" / "main.rs"
     main.write_text(main.read_text() + "\n// edited\n")
     _cargo(ws, dict(env, **ghenv))
