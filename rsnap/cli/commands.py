@@ -113,7 +113,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key, "fallback": _fallback(kind, m.key, inputs),
               "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
-              "discovery_cached": prefetch.from_cache()}
+              "discovery_cached": prefetch.from_cache(), "traffic": _traffic(st)}
     result["incremental_hint"] = _incremental_hint(inputs, m)
     prefetch.remember(ws.target_dir, manifest_path)
     if out["clock_shift_seconds"] and not as_json and not quiet:
@@ -177,10 +177,16 @@ def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] |
             return st, found, kind, name
     for prefix in prefixes:
         for st, name in opened:
-            found = repo.newest_under(st, prefix)
+            found = repo.newest_snapshots(st, prefix)
             if found:
-                return st, found, "partial", name
+                return st, found[0], "partial", name
     return opened[0][0], None, "miss", opened[0][1]
+
+
+def _traffic(st) -> dict | None:
+    """Entries and bytes a store that counts them moved (gha://: the job summary's "moved" line)."""
+    traffic = getattr(getattr(st, "remote", st), "traffic", None)
+    return dict(traffic) if traffic else None
 
 
 def _timings() -> dict:
@@ -259,7 +265,7 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
     emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report, "key_source": key_source,
-                   "timings": _timings(),
+                   "timings": _timings(), "traffic": _traffic(st),
                    "discovery_cached": prefetch.from_cache()},
          f"rsnap: saved {k} (key from {key_source}): {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)

@@ -258,25 +258,29 @@ def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
     return [t[:3] for t in stat_snapshots(store, key_prefix)]
 
 
+def newest_snapshots(store, key_prefix: str, limit: int | None = 1, near: str = "", exact: bool = False) -> list[str]:
+    """Names of the newest snapshots whose key starts with `key_prefix` (is it, with `exact`),
+    newest first (`limit` of them, None: all), the one nearest `near` first (nearest_first). A store without LIST names only
+    the newest one under a prefix (Backend.newest): then that of `near`'s key, then the prefix's."""
+    if store.capabilities.list:
+        found = [s for s in list_snapshots(store, key_prefix) if not exact or s[1] == key_prefix]
+        return nearest_first(found, near)[:limit]
+    prefixes = [near + "/"] if near else []
+    prefixes.append(key_prefix + "/" if exact else key_prefix)
+    names = [store.newest(snapshot_prefix(p)) for p in prefixes]
+    return list(dict.fromkeys(n for n in names if n))[:limit]
+
+
 def find_snapshot(store, key: str, prefixes: list[str]) -> tuple[str | None, str]:
     """Newest snapshot for `key` exactly, else for the first prefix that matches any."""
-    name = newest_under(store, key + "/")
-    if name:
-        return name, "exact"
+    exact = newest_snapshots(store, key, exact=True)
+    if exact:
+        return exact[0], "exact"
     for prefix in prefixes:
-        name = newest_under(store, prefix)
-        if name:
-            return name, "partial"
+        found = newest_snapshots(store, prefix)
+        if found:
+            return found[0], "partial"
     return None, "miss"
-
-
-def newest_under(store, key_prefix: str) -> str | None:
-    """The most recently written snapshot whose key starts with `key_prefix` (ending in "/":
-    of that key exactly); a backend without LIST answers with its `newest`."""
-    if not store.capabilities.list:
-        return store.newest(snapshot_prefix(key_prefix))
-    found = stat_snapshots(store, key_prefix)
-    return found[0][0] if found else None
 
 
 def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list], dict[str, list[str]]]:
@@ -303,7 +307,7 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -
     leading parts with it (the same key, else the same job): with many jobs in one family, the
     newest snapshots may all be other jobs', which share far fewer files."""
     out = []
-    names = nearest_first(list_snapshots(store, key_prefix), near)[:limit]
+    names = newest_snapshots(store, key_prefix, limit, near)
     if len(names) > 1:   # in parallel on a remote store
         try:
             raw = store.get_many(names)

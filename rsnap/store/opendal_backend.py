@@ -52,11 +52,12 @@ class OpenDALBackend(Backend):
     missing_container_codes: tuple[str, ...] = ()   # service error codes meaning "no such bucket"
     probe_seconds = 1.0     # the first contact's time to answer (twice at most); RSNAP_<ENV>_PROBE_TIMEOUT
     silence_seconds = 1.5   # after it: no byte for this long is a stall; RSNAP_<ENV>_TIMEOUT
+    default_retries = 6     # RSNAP_<ENV>_RETRIES unless set
 
     def __init__(self, service: str, options: dict, url: str, endpoint: str, env: str,
                  jobs: int | None = None):
         self.url, self.endpoint = url, redact(endpoint)
-        self.retries = int(env_float(f"RSNAP_{env}_RETRIES", 6))
+        self.retries = int(env_float(f"RSNAP_{env}_RETRIES", self.default_retries))
         self.min_delay = env_float(f"RSNAP_{env}_RETRY_MIN_DELAY", 0.2)
         self.silence = env_float(f"RSNAP_{env}_TIMEOUT", self.silence_seconds)
         self.probe_timeout = env_float(f"RSNAP_{env}_PROBE_TIMEOUT", self.probe_seconds)
@@ -90,7 +91,12 @@ class OpenDALBackend(Backend):
         op = self._ops.get(timeout)
         if op is None:
             from opendal.layers import TimeoutLayer
-            op = self._ops[timeout] = self._raw.layer(TimeoutLayer(timeout=timeout, io_timeout=timeout))
+            op = self._ops[timeout] = self.wrap_operator(
+                self._raw.layer(TimeoutLayer(timeout=timeout, io_timeout=timeout)))
+        return op
+
+    def wrap_operator(self, op):
+        """A backend may wrap each operator (e.g. to count traffic); here: as it is."""
         return op
 
     def probe_request(self, op) -> None:
