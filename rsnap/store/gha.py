@@ -25,6 +25,7 @@ class GhaStore(OpenDALBackend):
     container = "the GitHub Actions cache"
     denied_hint = "the runtime token was refused (it expires after 6 h; a fork's pull request cannot write)"
     default_retries = 2              # a 429 is waited out for its Retry-After instead (gha_service)
+    silence_seconds = 10.0           # a write timed out after its entry was reserved would look "exists" on retry
 
     def __init__(self, url: str, jobs: int | None = None):
         p = urlparse(url)
