@@ -26,3 +26,7 @@ class StoreError(RsnapError):
 class FormatError(RsnapError):
     def __init__(self, message: str):
         super().__init__(message, EXIT_FORMAT)
+
+
+class NewerFormatError(FormatError):
+    """A manifest written by a newer rsnap: not damage, the reader must be upgraded."""

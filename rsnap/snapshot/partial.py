@@ -24,6 +24,7 @@ import re
 
 from ..cargo import fingerprints as fpr
 from ..cargo.layout import RSNAP_DIR
+from ..errors import StoreError
 from ..store import manifest as mf
 
 RECORD = "unmaterialized.json"
@@ -58,7 +59,10 @@ class PlannedTree(fpr.ManifestTree):
         if self.store is None or e.size > 1 << 20 or e.digest not in self.m.blobs:
             return None
         from ..store import repo
-        return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
+        try:
+            return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
+        except StoreError:  # a damaged pack: the file is unreadable, as if absent (rsnap.snapshot.damage)
+            return None
 
 
 class Skip:

@@ -22,7 +22,7 @@ import zstandard
 
 from ..cargo.layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
 from ..cargo import rustc_info
-from ..errors import FormatError
+from ..errors import FormatError, NewerFormatError
 
 FORMAT_VERSION = 2  # 2: `chunks` (format 1 manifests are still read)
 MAX_MANIFEST_BYTES = 2 << 30
@@ -128,7 +128,7 @@ def _parse(data: bytes) -> dict:
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
         raise FormatError("snapshot manifest has no valid format version")
     if fmt > FORMAT_VERSION:
-        raise FormatError(
+        raise NewerFormatError(
             f"snapshot was written by a newer rsnap (format {fmt}, this rsnap reads {FORMAT_VERSION}); upgrade rsnap")
     return doc
 

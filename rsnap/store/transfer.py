@@ -19,6 +19,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..errors import StoreError
+
 GAP = int(os.environ.get("RSNAP_FETCH_GAP", 1 << 20))      # ~ what one round trip costs in transfer
 BUDGET = int(os.environ.get("RSNAP_FETCH_BUDGET", 256 << 20))
 MAX_FETCH = 32 << 20                                          # one GET covers at most this
@@ -145,7 +147,10 @@ def reader(store, ranges):
     `close(reader)` when done."""
     ranges = list(ranges)
     if hasattr(store, "fill"):
-        store.fill(sorted({name for name, _s, _e in ranges}))
+        try:
+            store.fill(sorted({name for name, _s, _e in ranges}))
+        except StoreError:
+            pass  # a damaged pack: found again, and named, when restore reads it
         return store
     if not getattr(store, "remote_store", False) or not ranges:
         return store

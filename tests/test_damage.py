@@ -1,0 +1,180 @@
+"""Issue 20: damage costs only what it touches, on every store.
+
+One workspace is built and saved once per module into a local store; each test copies that
+store (to a directory, or object by object into a moto bucket), deletes or corrupts a pack,
+restores on a cold runner (fresh clone, no target/, CARGO_HOME caches wiped) and checks cargo's
+own verdicts (--message-format=json "fresh"): the restore exits 0 naming the damage, cargo
+compiles fewer units than a clean build, the program is right, and the next save stores the
+lost content again, so a restore after it is whole and compiles nothing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cargo_util import create_workspace
+from rsnap_util import rsnap, cold_runner
+
+KEY = "damage-key"
+PACK_SIZE = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def saved(registry, gitdep_url, tmp_path_factory):
+    """(workspace, store, units a clean `cargo build` compiles)."""
+    ws = create_workspace(tmp_path_factory.mktemp("damage") / "ws", registry.index_url, gitdep_url)
+    clean = ws.build("build")
+    store = ws.root.parent / "store"
+    # small packs (the fixture's target fits one 16 MiB pack): damage to one touches a few units
+    rsnap(ws, store, "save", "--key", KEY, "--json", env_extra={"RSNAP_PACK_SIZE": str(PACK_SIZE)}).check()
+    ws.expected_output = ws.run_app()
+    return ws, store, len(clean.compiled_units())
+
+
+def packs(store: Path) -> list[Path]:
+    """Pack files, largest first."""
+    return sorted((p for p in (store / "packs").rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+
+
+def damage_bytes(data: bytes, how: str) -> bytes | None:
+    """None: the pack is deleted."""
+    if how == "missing":
+        return None
+    if how == "truncated":
+        return data[: len(data) // 2]
+    out = bytearray(data)  # "corrupt": a flipped byte in every 64 KiB (each blob's check fails)
+    for i in range(len(out) // 2 % 65536, len(out), 65536):
+        out[i] ^= 0x55
+    return bytes(out)
+
+
+class LocalStore:
+    def __init__(self, source: Path, dest: Path):
+        shutil.copytree(source, dest)
+        self.path, self.url, self.env = dest, str(dest), {}
+
+    def damage(self, name: str, how: str) -> None:
+        data = damage_bytes((self.path / name).read_bytes(), how)
+        if data is None:
+            (self.path / name).unlink()
+        else:
+            (self.path / name).write_bytes(data)
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+
+class BucketStore:
+    """The same objects in a moto bucket (optionally with a local tier in front)."""
+
+    def __init__(self, source: Path, moto, bucket: str, tier: Path | None):
+        import os
+        from rsnap.store.s3 import S3Store
+        moto.create_bucket(bucket)
+        self.url = f"s3://{bucket}/ci"
+        self.env = {k: v for k, v in moto.env().items() if k.startswith("AWS_")}
+        self.env.update(RSNAP_S3_RETRIES="1", RSNAP_S3_RETRY_MIN_DELAY="0.01", RSNAP_CACHE_SYNC="0")
+        if tier is not None:
+            self.env["RSNAP_LOCAL_STORE"] = str(tier)
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            self.s3 = S3Store(self.url)
+            for p in source.rglob("*"):
+                rel = p.relative_to(source).as_posix()
+                if p.is_file() and rel.split("/")[0] in ("packs", "snapshots"):
+                    self.s3.put(rel, p.read_bytes())
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def _with_env(self, fn):
+        import os
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            return fn()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def damage(self, name: str, how: str) -> None:
+        data = damage_bytes(self._with_env(lambda: bytes(self.s3.get(name))), how)
+        self._with_env(lambda: self.s3.delete(name) if data is None else self.s3.put(name, data))
+
+    def has(self, name: str) -> bool:
+        return self._with_env(lambda: self.s3.exists(name))
+
+
+@pytest.fixture
+def make_store(saved, tmp_path, request):
+    ws, source, _clean = saved
+
+    def make(kind: str):
+        if kind == "local":
+            return LocalStore(source, tmp_path / "store")
+        moto = request.getfixturevalue("moto_server")
+        bucket = f"damage-{abs(hash(request.node.nodeid)) % 10**8}"
+        return BucketStore(source, moto, bucket, tmp_path / "tier" if kind == "tiered" else None)
+    return make
+
+
+def restore(ws, store, *args):
+    res = rsnap(ws, store.url, "restore", "--key", KEY, "--json", *args, env_extra=store.env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    return res, json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("kind,how", [("local", "missing"), ("local", "corrupt"), ("s3", "missing"),
+                                      ("s3", "truncated"), ("tiered", "corrupt")])
+def test_damaged_pack_costs_only_its_units(saved, make_store, kind, how):
+    ws, source, clean_units = saved
+    store = make_store(kind)
+    largest = packs(source)[0]
+    name = largest.relative_to(source).as_posix()
+    store.damage(name, how)
+    cold_runner(ws)
+    res, data = restore(ws, store)
+    assert data["result"] == "exact", data
+    damaged = data["damaged"]
+    assert damaged["packs"] == [largest.name], damaged
+    assert damaged["missing" if how == "missing" else "corrupt"] == 1, damaged
+    assert damaged["units_left_out"] >= 1, damaged
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("rsnap: warning:")]
+    assert len(warnings) == 1 and "1 damaged pack" in warnings[0], res.stderr
+    build = ws.build("build")
+    rebuilt = build.compiled_units()
+    assert 0 < len(rebuilt) < clean_units, (len(rebuilt), clean_units, build.summary())
+    assert ws.run_app() == ws.expected_output
+    # the next save stores what the damaged pack held again; a restore of it is whole
+    save = rsnap(ws, store.url, "save", "--key", KEY, "--json", env_extra=store.env).check().data
+    assert save["bytes_written"] > 0, save
+    cold_runner(ws)
+    _res, data = restore(ws, store)
+    assert data["damaged"] is None, data
+    again = ws.build("build", "--offline")
+    assert again.all_fresh(), again.summary()
+    assert ws.run_app() == ws.expected_output
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage"])
+def test_damaged_manifest_falls_back_to_the_next_snapshot(saved, tmp_path, how):
+    ws, source, _clean = saved
+    store = LocalStore(source, tmp_path / "store")
+    older = sorted((store.path / "snapshots" / KEY).iterdir())[-1]
+    newer = older.with_name(f"{int(older.name.split('-')[0]) + 1}-{older.name.split('-')[1]}")
+    newer.write_bytes(b"\x28\xb5\x2f\xfd garbage" if how == "garbage" else b"")
+    if how == "missing":  # listed, then gone: a prune racing the restore, seen through a dangling link
+        newer.unlink()
+        newer.symlink_to(tmp_path / "nowhere")
+    cold_runner(ws)
+    res, data = restore(ws, store)
+    assert data["result"] == "exact" and data["snapshot"].endswith(older.name), data
+    assert data["damaged"] == {"manifests": [f"snapshots/{KEY}/{newer.name}"]}, data
+    assert f"snapshot snapshots/{KEY}/{newer.name} is damaged" in res.stderr, res.stderr
+    assert ws.build("build", "--offline").all_fresh()
+    assert ws.run_app() == ws.expected_output
