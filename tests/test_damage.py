@@ -44,7 +44,7 @@ def damage_bytes(data: bytes, how: str) -> bytes | None:
     if how == "missing":
         return None
     if how == "truncated":
-        return data[: len(data) // 2]
+        return data[: len(data) // 16]
     out = bytearray(data)  # "corrupt": a flipped byte in every 64 KiB (each blob's check fails)
     for i in range(len(out) // 2 % 65536, len(out), 65536):
         out[i] ^= 0x55
