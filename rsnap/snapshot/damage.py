@@ -28,6 +28,7 @@ import os
 import shutil
 import threading
 
+from .. import errors
 from ..cargo import fingerprints as fpr
 from ..cargo.layout import RSNAP_DIR
 from ..store import manifest as mf
@@ -46,6 +47,7 @@ class Damage:
         self.failed: dict[str, set[str]] = {}     # root name -> paths whose write failed
         self.left_out: dict[str, set[str]] = {}   # root name -> every path left out for the damage
         self.units: set[tuple[str, str, str]] = set()  # (root name, profile dir, unit hash)
+        self.store_failing: Exception | None = None     # a failure retries did not cure: read no more
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
@@ -53,8 +55,9 @@ class Damage:
 
     def pack_failed(self, pack_id: str, error: Exception) -> None:
         text = str(error)
-        kind = "missing" if "missing" in text or "NotFound" in type(error).__name__ else \
-            "corrupt" if "corrupt" in text or "truncated" in text else "unreadable"
+        not_found = getattr(errors, "NotFoundError", ())
+        kind = "missing" if isinstance(error, not_found) or "is missing" in text else \
+            "unreadable" if transient(error) or not ("corrupt" in text or "truncated" in text) else "corrupt"
         with self._lock:
             self.packs.setdefault(pack_id, kind)
             self.messages.setdefault(pack_id, text)
@@ -77,6 +80,12 @@ class Damage:
         return (f"rsnap: warning: {len(self.packs)} damaged pack(s) in the store ({what}); left out "
                 f"{d['units_left_out']} units and {d['entries_left_out']} entries in all, which cargo will "
                 f"rebuild or fetch; the next save stores them again (first error: {first})")
+
+
+def transient(error: Exception) -> bool:
+    """A failure of the store rather than of the pack (throttling, unreachable, timed out)."""
+    kind = getattr(errors, "TransientStoreError", None)
+    return kind is not None and isinstance(error, kind)
 
 
 def packs_of(m: mf.Manifest, e: mf.Entry) -> set[str]:

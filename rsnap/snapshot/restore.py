@@ -340,16 +340,16 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     def run(task: _Task) -> _Task:
         task.done = []
         try:
-            span = None if task.pack_id is None else \
-                memoryview(store.get_range(repo.pack_name(task.pack_id), task.start, task.end - task.start))
-        except StoreError as e:
-            damage.pack_failed(task.pack_id, e)
+            span = None if task.pack_id is None else _read_pack(store, damage, task.pack_id, task.start, task.end)
+        except _PackDamage as e:
+            damage.pack_failed(e.pack_id, e.error)
             for f in task.files:
                 damage.file_failed(root_names[f.root], f.entry.path)
             return task
         for f in task.files:
             try:
-                _write_atomic(f.dest, f.entry, _content_writer(store, m, f.entry, task, span), keep_temp=f.last)
+                _write_atomic(f.dest, f.entry, _content_writer(store, m, f.entry, task, span, damage),
+                              keep_temp=f.last)
             except _PackDamage as e:
                 damage.pack_failed(e.pack_id, e.error)
                 damage.file_failed(root_names[f.root], f.entry.path)
@@ -481,12 +481,25 @@ class _PackDamage(Exception):
         self.pack_id, self.error = pack_id, error
 
 
-def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span) -> Callable[[int], None]:
+def _read_pack(store, damage: dmg.Damage, pack_id: str, start: int, end: int):
+    """A range of a pack, or _PackDamage. Once the store failed in a way retries did not cure
+    (throttling, unreachable), the remaining packs are not read: they count as unreadable."""
+    if damage.store_failing is not None:
+        raise _PackDamage(pack_id, damage.store_failing)
+    try:
+        return memoryview(store.get_range(repo.pack_name(pack_id), start, end - start))
+    except StoreError as err:
+        if dmg.transient(err):
+            damage.store_failing = err
+        raise _PackDamage(pack_id, err) from None
+
+
+def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span, damage: dmg.Damage) -> Callable[[int], None]:
     """What writes e's content into a file descriptor: its blob from the task's span of a pack,
     or its chunks (a chunked file is a task of its own and reads them itself). A failure of
     the pack raises _PackDamage naming it."""
     if task.pack_id is None:
-        return lambda fd: _write_chunks(store, m, m.chunks[e.digest], fd, e.digest, e.size)
+        return lambda fd: _write_chunks(store, m, m.chunks[e.digest], fd, e.digest, e.size, damage)
     _pack, off, clen, _size = m.blobs[e.digest]
     frame = span[off - task.start:off - task.start + clen]
 
@@ -498,13 +511,14 @@ def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span) -> Ca
     return write
 
 
-def _write_chunks(store, m: mf.Manifest, chunks: list[str], fd: int, digest: str, size: int) -> None:
+def _write_chunks(store, m: mf.Manifest, chunks: list[str], fd: int, digest: str, size: int,
+                  damage: dmg.Damage) -> None:
     """repo.write_chunks, naming the pack that failed (each chunk is verified, then the whole file)."""
     import xxhash
     whole = xxhash.xxh3_128()
     for pack_id, start, end, run in repo._chunk_reads(m.blobs, chunks):
+        span = _read_pack(store, damage, pack_id, start, end)
         try:
-            span = memoryview(store.get_range(repo.pack_name(pack_id), start, end - start))
             for part in run:
                 _pack, off, clen, psize = m.blobs[part]
                 repo.write_blob(span[off - start:off - start + clen], fd, part, psize, f"pack {pack_id}", whole)
