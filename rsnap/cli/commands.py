@@ -141,7 +141,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
          + _left_out_line(out["skipped"])
-         + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
+         + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}{_damage_note(out['damaged'])}"
          + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", [])), quiet)
     return st
 
@@ -161,6 +161,11 @@ def _manifest_damage(e: RsnapError) -> bool:
 
 def _damaged_manifests(names: list[str]) -> dict:
     return {"damaged": {"manifests": list(names)}} if names else {}
+
+
+def _damage_note(damaged: dict | None) -> str:
+    n = (damaged or {}).get("units_left_out")
+    return f" (besides the {n} units left out for store damage)" if n else ""
 
 
 def _left_out_line(skipped: dict) -> str:

@@ -525,7 +525,8 @@ def _write_chunks(store, m: mf.Manifest, chunks: list[str], fd: int, digest: str
         except StoreError as err:
             raise _PackDamage(pack_id, err) from None
     if whole.hexdigest() != digest or sum(m.blobs[c][3] for c in chunks) != size:
-        raise StoreError(f"file {digest} assembled from its chunks does not match its digest")
+        raise _PackDamage(m.blobs[chunks[0]][0], StoreError(
+            f"file {digest} assembled from its chunks does not match its digest (corrupt)"))
 
 
 def _tasks(m: mf.Manifest, files: list[_File]) -> list[_Task]:
