@@ -149,6 +149,7 @@ def test_damaged_pack_costs_only_its_units(saved, make_store, kind, how):
     build = ws.build("build")
     rebuilt = build.compiled_units()
     assert 0 < len(rebuilt) < clean_units, (len(rebuilt), clean_units, build.summary())
+    assert len(rebuilt) <= damaged["units_left_out"], (damaged, build.summary())
     assert ws.run_app() == ws.expected_output
     # the next save stores what the damaged pack held again; a restore of it is whole
     save = rsnap(ws, store.url, "save", "--key", KEY, "--json", env_extra=store.env).check().data
@@ -178,3 +179,31 @@ def test_damaged_manifest_falls_back_to_the_next_snapshot(saved, tmp_path, how):
     assert f"snapshot snapshots/{KEY}/{newer.name} is damaged" in res.stderr, res.stderr
     assert ws.build("build", "--offline").all_fresh()
     assert ws.run_app() == ws.expected_output
+
+
+def test_any_damaged_packs_cost_only_their_units(saved, tmp_path_factory):
+    """Property (hypothesis): whichever packs are missing, corrupt or truncated, the restore exits
+    0 naming only those packs, cargo builds the right program and compiles no unit the restore did
+    not leave out (none at all when only incremental dirs or downloads were hit)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    ws, source, clean_units = saved
+    names = [p.relative_to(source).as_posix() for p in packs(source)]
+
+    @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, len(names) - 1), st.sampled_from(["missing", "corrupt", "truncated"])),
+                    min_size=1, max_size=3, unique_by=lambda t: t[0]))
+    def check(hits):
+        store = LocalStore(source, tmp_path_factory.mktemp("prop") / "store")
+        for i, how in hits:
+            store.damage(names[i], how)
+        cold_runner(ws)
+        res, data = restore(ws, store)
+        damaged = data["damaged"] or {"packs": [], "units_left_out": 0}
+        assert set(damaged["packs"]) <= {names[i].rsplit("/", 1)[-1] for i, _how in hits}, (hits, damaged)
+        build = ws.build("build")
+        assert ws.run_app() == ws.expected_output, (hits, build.summary())
+        # cargo compiles only units the damage left out (a unit kept keeps its fingerprint and is fresh)
+        assert len(build.compiled_units()) <= min(clean_units, damaged["units_left_out"]), (hits, damaged,
+                                                                                            build.summary())
+        shutil.rmtree(store.path)
+    check()
