@@ -29,15 +29,15 @@ def log(msg: str) -> None:
     print(f"[bench_damage] {msg}", file=sys.stderr, flush=True)
 
 
-def cargo_build(bench) -> tuple[int, int, float]:
-    """(units compiled, units in all, seconds) of `cargo build`."""
+def cargo_build(bench) -> tuple[list[str], int, float]:
+    """(packages of the units compiled, units in all, seconds) of `cargo build`."""
     t = time.monotonic()
     proc = subprocess.run(["cargo", "build", "--message-format=json"], cwd=bench.ws, env=bench.env,
                           capture_output=True, text=True, check=True)
     seconds = time.monotonic() - t
     units = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     units = [u for u in units if u.get("reason") == "compiler-artifact"]
-    return sum(not u["fresh"] for u in units), len(units), seconds
+    return sorted(u["package_id"].split("#")[-1] for u in units if not u["fresh"]), len(units), seconds
 
 
 def rsnap(bench, code: Path, store: Path, *args: str) -> subprocess.CompletedProcess:
@@ -77,7 +77,7 @@ def main() -> int:
     rows = []
     try:
         compiled, total, seconds = cargo_build(bench)
-        rows.append({"case": "clean build", "units_compiled": compiled, "units": total, "build_s": round(seconds, 1)})
+        rows.append({"case": "clean build", "units_compiled": len(compiled), "units": total, "build_s": round(seconds, 1)})
         store = root / "store"
         shutil.rmtree(store, ignore_errors=True)
         rsnap(bench, after, store, "save", "--json").check_returncode()
@@ -102,7 +102,8 @@ def main() -> int:
                 rows.append({"case": f"largest pack {how} ({pack[:8]}, {len(packs)} packs)", "rsnap": label,
                              "restore_exit": res.returncode, "restore_s": round(restore_s, 2),
                              "result": out.get("result", "error"), "damaged": out.get("damaged"),
-                             "units_compiled": compiled, "units": total, "build_s": round(seconds, 1)})
+                             "units_compiled": len(compiled), "units": total, "build_s": round(seconds, 1),
+                             "compiled": compiled if len(compiled) < total else "all"})
                 log(json.dumps(rows[-1]))
     finally:
         bench.stop()

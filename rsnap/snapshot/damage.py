@@ -188,7 +188,7 @@ def _home_closure(entries: list[mf.Entry], seeds: set[str]) -> set[str]:
     groups = {g for p in seeds if (g := home_group(p)) is not None}
     if groups:
         out |= {e.path for e in entries if home_group(e.path) in groups}
-    return out
+    return out | {e.path for e in entries if e.type == "h" and e.digest in out}  # links to what is left out
 
 
 def clear_on_disk(root_path, root: mf.Root, paths: set[str]) -> None:
