@@ -222,6 +222,7 @@ def write_record(target_dir, snapshot: str, damage: Damage) -> None:
         except FileNotFoundError:
             pass
         return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"snapshot": snapshot, "packs": damage.packs}, f)
