@@ -31,7 +31,7 @@ import threading
 from .. import errors
 from ..cargo import fingerprints as fpr
 from ..cargo.layout import RSNAP_DIR
-from ..store import manifest as mf
+from ..repository import manifest as mf
 from . import partial
 
 RECORD = "damaged.json"
@@ -55,9 +55,9 @@ class Damage:
 
     def pack_failed(self, pack_id: str, error: Exception) -> None:
         text = str(error)
-        not_found = getattr(errors, "NotFoundError", ())
-        kind = "missing" if isinstance(error, not_found) or "is missing" in text else \
-            "unreadable" if transient(error) or not ("corrupt" in text or "truncated" in text) else "corrupt"
+        kind = "missing" if isinstance(error, errors.NotFoundError) else \
+            "corrupt" if not isinstance(error, (errors.TransientStoreError, errors.PermanentStoreError)) \
+            and ("corrupt" in text or "truncated" in text) else "unreadable"
         with self._lock:
             self.packs.setdefault(pack_id, kind)
             self.messages.setdefault(pack_id, text)
@@ -84,8 +84,7 @@ class Damage:
 
 def transient(error: Exception) -> bool:
     """A failure of the store rather than of the pack (throttling, unreachable, timed out)."""
-    kind = getattr(errors, "TransientStoreError", None)
-    return kind is not None and isinstance(error, kind)
+    return isinstance(error, errors.TransientStoreError)
 
 
 def packs_of(m: mf.Manifest, e: mf.Entry) -> set[str]:
@@ -100,7 +99,7 @@ def packs_of(m: mf.Manifest, e: mf.Entry) -> set[str]:
 
 def find_missing(store, m: mf.Manifest, plans, damage: Damage) -> None:
     """Before anything is written: the packs the plans need that the store lacks."""
-    from ..store import repo
+    from ..repository import repo
     needed = sorted({p for plan in plans for e in plan.write for p in packs_of(m, e)})
     for name in store.missing([repo.pack_name(p) for p in needed]):
         pack_id = name.rsplit("/", 1)[-1]
