@@ -179,6 +179,8 @@ def test_damaged_manifest_falls_back_to_the_next_snapshot(saved, tmp_path, how):
     assert f"snapshot snapshots/{KEY}/{newer.name} is damaged" in res.stderr, res.stderr
     assert ws.build("build", "--offline").all_fresh()
     assert ws.run_app() == ws.expected_output
+    status = rsnap(ws, store.url, "status", "--key", KEY, "--json").check().data["would_restore"]
+    assert status["snapshot"].endswith(older.name) and status["damaged_manifests"] == [f"snapshots/{KEY}/{newer.name}"]
 
 
 def test_any_damaged_packs_cost_only_their_units(saved, tmp_path_factory):
