@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 
 from .. import errors
@@ -193,6 +192,7 @@ def _home_closure(entries: list[mf.Entry], seeds: set[str]) -> set[str]:
 def clear_on_disk(root_path, root: mf.Root, paths: set[str]) -> None:
     """Remove what a restore left out for damage and already wrote, or found on disk: a damaged
     unit keeps no fingerprint and no file of another content; a $CARGO_HOME group goes whole."""
+    import shutil  # only a damaged restore needs it
     groups = {g for p in paths if (g := home_group(p)) is not None} if root.merge else set()
     for group in sorted(groups):
         shutil.rmtree(f"{root_path}/{group}", ignore_errors=True)
