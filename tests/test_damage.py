@@ -209,3 +209,25 @@ def test_any_damaged_packs_cost_only_their_units(saved, tmp_path_factory):
                                                                                             build.summary())
         shutil.rmtree(store.path)
     check()
+
+
+def test_damaged_git_checkout_is_checked_out_again(saved, tmp_path):
+    """A pack holding a file of a git checkout in CARGO_HOME: the checkout is left out whole (no
+    `.cargo-ok` vouching for a partial dir), and cargo checks it out again."""
+    from rsnap.repository import manifest as mf
+    ws, source, _clean = saved
+    store = LocalStore(source, tmp_path / "store")
+    name = sorted((store.path / "snapshots" / KEY).iterdir())[-1]
+    m = mf.loads(name.read_bytes())
+    home = next(r for r in m.roots if r.name == "cargo_home")
+    lib = next(e for e in home.entries if e.path.startswith("git/checkouts/") and e.path.endswith("/src/lib.rs"))
+    pack = m.blobs[lib.digest][0]
+    store.damage(f"packs/{pack[:2]}/{pack}", "corrupt")
+    cold_runner(ws)
+    _res, data = restore(ws, store)
+    assert data["damaged"]["packs"] == [pack], data["damaged"]
+    checkout = ws.cargo_home / lib.path.rsplit("/src/lib.rs", 1)[0]
+    assert not (checkout / ".cargo-ok").exists() and not (checkout / "src" / "lib.rs").exists()
+    build = ws.build("build")   # online: the git db may have been in the same pack
+    assert (checkout / ".cargo-ok").exists() and (checkout / "src" / "lib.rs").exists()
+    assert ws.run_app() == ws.expected_output, build.summary()
