@@ -251,6 +251,29 @@ def store_prune(store: Optional[str] = StoreOpt,
     commands.emit(as_json, out, "\n".join(lines))
 
 
+@store_app.command("check")
+def store_check(store: Optional[str] = StoreOpt,
+                read_data: bool = typer.Option(
+                    False, "--read-data", help="Also read every referenced pack and verify each blob's size and "
+                                               "xxh3, as a restore does (reads the whole store)."),
+                repair: bool = typer.Option(
+                    False, "--repair", help="Drop the damaged snapshots (and damaged packs no other snapshot "
+                                            "uses), under the exclusive store lock; the next save writes the content again."),
+                as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt):
+    """Find snapshots that reference missing, truncated or (--read-data) corrupt packs, or whose
+    manifest is unreadable (in --scope's namespace).
+
+    Exit codes: 0 no damage (or --repair dropped all of it), 3 damage found (or the store could
+    not be read), 2 bad usage."""
+    from ..errors import EXIT_STORE
+    from ..repository import check
+    st = open_store(store, create=False, scope=scope or "")
+    out = check.check(st, read_data=read_data, repair=repair)
+    commands.emit(as_json, out, check.format_report(out))
+    if out["snapshots_damaged"] and not out["repaired"]:
+        raise typer.Exit(EXIT_STORE)
+
+
 def _iso(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
 
