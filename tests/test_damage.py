@@ -45,8 +45,8 @@ def damage_bytes(data: bytes, how: str) -> bytes | None:
         return None
     if how == "truncated":
         return data[: len(data) // 16]
-    out = bytearray(data)  # "corrupt": a flipped byte in every 64 KiB (each blob's check fails)
-    for i in range(len(out) // 2 % 65536, len(out), 65536):
+    out = bytearray(data)  # "corrupt": a flipped byte in every 4 KiB (most blobs' checks fail)
+    for i in range(len(out) // 2 % 4096, len(out), 4096):
         out[i] ^= 0x55
     return bytes(out)
 
@@ -221,8 +221,11 @@ def test_damaged_git_checkout_is_checked_out_again(saved, tmp_path):
     m = mf.loads(name.read_bytes())
     home = next(r for r in m.roots if r.name == "cargo_home")
     lib = next(e for e in home.entries if e.path.startswith("git/checkouts/") and e.path.endswith("/src/lib.rs"))
-    pack = m.blobs[lib.digest][0]
-    store.damage(f"packs/{pack[:2]}/{pack}", "corrupt")
+    pack, offset, clen, _size = m.blobs[lib.digest]
+    path = store.path / "packs" / pack[:2] / pack
+    data = bytearray(path.read_bytes())
+    data[offset + clen // 2] ^= 0x55   # inside lib.rs's own blob
+    path.write_bytes(bytes(data))
     cold_runner(ws)
     _res, data = restore(ws, store)
     assert data["damaged"]["packs"] == [pack], data["damaged"]
