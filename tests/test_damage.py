@@ -10,7 +10,10 @@ lost content again, so a restore after it is whole and compiles nothing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +31,12 @@ def saved(registry, gitdep_url, tmp_path_factory):
     ws = create_workspace(tmp_path_factory.mktemp("damage") / "ws", registry.index_url, gitdep_url)
     clean = ws.build("build")
     store = ws.root.parent / "store"
-    # small packs (the fixture's target fits one 16 MiB pack): damage to one touches a few units
-    rsnap(ws, store, "save", "--key", KEY, "--json", env_extra={"RSNAP_PACK_SIZE": str(PACK_SIZE)}).check()
+    # small packs (the fixture's target fits one 16 MiB pack), filled in a fixed order: on one CPU
+    # save runs one worker, which hashes and compresses files biggest first, so the same files
+    # share a pack on every run
+    env = {**ws.env, "RSNAP_STORE": str(store), "RSNAP_PACK_SIZE": str(PACK_SIZE)}
+    subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m", "rsnap", "save",
+                    "--key", KEY], cwd=ws.root, env=env, check=True, capture_output=True)
     ws.expected_output = ws.run_app()
     return ws, store, len(clean.compiled_units())
 
