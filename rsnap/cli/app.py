@@ -155,15 +155,19 @@ def status(
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
             "interrupted_restore": restore_interrupted(ws)}
-    files, size = 0, 0
-    for dirpath, _dirs, fns in os.walk(ws.target_dir):
-        for fn in fns:
-            try:
-                size += os.lstat(os.path.join(dirpath, fn)).st_size
-                files += 1
-            except OSError:
-                pass
-    data["target_files"], data["target_bytes"] = files, size
+    for name, top in (("target", ws.target_dir), ("build", ws.build_dir)):
+        if name == "build" and top == ws.target_dir:
+            continue  # the build dir is the target dir
+        files, size = 0, 0
+        for dirpath, dirs, fns in os.walk(top):
+            dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in (str(ws.target_dir), str(ws.build_dir))]
+            for fn in fns:
+                try:
+                    size += os.lstat(os.path.join(dirpath, fn)).st_size
+                    files += 1
+                except OSError:
+                    pass
+        data[f"{name}_files"], data[f"{name}_bytes"] = files, size
     try:
         st, name, kind, found_scope = commands.find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:

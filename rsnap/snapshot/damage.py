@@ -138,7 +138,7 @@ def _unit_closure(entries: list[mf.Entry], seeds: set[str], units: list[fpr.Unit
             by_unit.setdefault(owner, []).append(e.path)
         if (where := partial.crate_dir_of(e.path, profiles)) is not None:
             by_crate_dir.setdefault(where[0], []).append(e.path)
-        if e.type == "h":
+        if e.type == "h" and not e.link_root:  # (a link into another root: see restore._leave_out_damage)
             groups.setdefault(e.digest, [e.digest]).append(e.path)
     group_of = {p: primary for primary, members in groups.items() for p in members}
     by_fp = {u.fingerprint: (u.profile_dir, u.unit_hash) for u in units if u.fingerprint}
@@ -186,7 +186,7 @@ def _home_closure(entries: list[mf.Entry], seeds: set[str]) -> set[str]:
     groups = {g for p in seeds if (g := home_group(p)) is not None}
     if groups:
         out |= {e.path for e in entries if home_group(e.path) in groups}
-    return out | {e.path for e in entries if e.type == "h" and e.digest in out}  # links to what is left out
+    return out | {e.path for e in entries if e.type == "h" and not e.link_root and e.digest in out}
 
 
 def clear_on_disk(root_path, root: mf.Root, paths: set[str]) -> None:
