@@ -25,10 +25,8 @@ KEY = "damage-key"
 PACK_SIZE = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def saved(registry, gitdep_url, tmp_path_factory):
-    """(workspace, store, units a clean `cargo build` compiles)."""
-    ws = create_workspace(tmp_path_factory.mktemp("damage") / "ws", registry.index_url, gitdep_url)
+def build_and_save(ws):
+    """(store, units a clean `cargo build` compiles)."""
     clean = ws.build("build")
     store = ws.root.parent / "store"
     # small packs (the fixture's target fits one 16 MiB pack), filled in a fixed order: on one CPU
@@ -38,7 +36,14 @@ def saved(registry, gitdep_url, tmp_path_factory):
     subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m", "rsnap", "save",
                     "--key", KEY], cwd=ws.root, env=env, check=True, capture_output=True)
     ws.expected_output = ws.run_app()
-    return ws, store, len(clean.compiled_units())
+    return store, len(clean.compiled_units())
+
+
+@pytest.fixture(scope="module")
+def saved(registry, gitdep_url, tmp_path_factory):
+    """(workspace, store, units a clean `cargo build` compiles)."""
+    ws = create_workspace(tmp_path_factory.mktemp("damage") / "ws", registry.index_url, gitdep_url)
+    return (ws, *build_and_save(ws))
 
 
 def packs(store: Path) -> list[Path]:
@@ -241,3 +246,20 @@ def test_damaged_git_checkout_is_checked_out_again(saved, tmp_path):
     build = ws.build("build")   # online: the git db may have been in the same pack
     assert (checkout / ".cargo-ok").exists() and (checkout / "src" / "lib.rs").exists()
     assert ws.run_app() == ws.expected_output, build.summary()
+
+
+@pytest.mark.parametrize("layout", ["legacy-outside", "new-outside"])
+def test_damaged_pack_with_the_build_dir_outside_the_target_dir(registry, gitdep_url, tmp_path, layout):
+    """The units live in the build dir and the target dir holds hard links into it: a missing pack
+    costs its units there, the target's links to their files go with them."""
+    ws = create_workspace(tmp_path / "ws", registry.index_url, gitdep_url, layout=layout)
+    source, clean_units = build_and_save(ws)
+    store = LocalStore(source, tmp_path / "damaged")
+    store.damage(packs(source)[0].relative_to(source).as_posix(), "missing")
+    cold_runner(ws)
+    _res, data = restore(ws, store)
+    damaged = data["damaged"]
+    assert damaged["missing"] == 1 and damaged["units_left_out"] >= 1, damaged
+    build = ws.build("build")
+    assert 0 < len(build.compiled_units()) <= min(clean_units - 1, damaged["units_left_out"]), (damaged, build.summary())
+    assert ws.run_app() == ws.expected_output
