@@ -166,8 +166,6 @@ def _edit_snapshot_packs(gha, ws, rev: str) -> tuple[str, set[str]]:
     return key, set(gha.packs()) - before
 
 
-@pytest.mark.xfail(strict=True, reason="needs unit-level damage handling (issue 20, the damage branch): "
-                   "until then a missing or corrupt pack makes the whole restore a miss")
 @pytest.mark.parametrize("damage", ["evicted", "corrupt"])
 def test_damaged_packs_rebuild_only_their_units(gha, saved, damage):
     """GitHub evicts entries (7 days unused, or over budget): a missing or corrupt pack costs only

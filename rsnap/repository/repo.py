@@ -21,7 +21,7 @@ from ..digest import digest_bytes
 from ..errors import StoreError, FormatError
 from . import manifest as mf
 
-PACK_TARGET = 16 << 20          # close a pack once it holds this many compressed bytes
+PACK_TARGET = int(os.environ.get("RSNAP_PACK_SIZE", 16 << 20))  # close a pack once it holds this many compressed bytes
 ZSTD_LEVEL = 3
 
 
