@@ -3,9 +3,9 @@
 Policies (all optional, combined): keep the `keep` most recently used snapshots per key;
 drop snapshots not used for `older_than` seconds; drop the least recently used snapshots
 until what the rest reference (packs + manifests) fits in `max_size` bytes. With `older_than`,
-compile-cache entries (cache/) older than that go too. "Use" is the
-manifest's mtime on the store's clock (upload time on S3, which cannot change LastModified
-without rewriting the object), never the saving machine's clock. Restore does not record uses (it leaves the store
+compile-cache entries (cache/) older than that go too. "Use" is the manifest's mtime on the
+store's clock (upload time on S3, which cannot change LastModified without rewriting the
+object), never the saving machine's clock. Restore does not record uses (it leaves the store
 untouched), so today "use" is creation; touching a manifest (`store.touch`) marks a use.
 
 A pack is deleted only when no kept snapshot references it and it is older than the grace
