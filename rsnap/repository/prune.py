@@ -12,8 +12,9 @@ A pack is deleted only when no kept snapshot references it and it is older than 
 period (`grace_seconds`, default 1 h, RSNAP_PRUNE_GRACE), measured on the store's clock
 (`store.now()`: for S3 the server's, from its LastModified): a save in progress uploads its
 packs before its manifest, and a save whose lock went stale must not lose them. Prune holds
-the store lock exclusively (flock, or S3 lock objects) and, for a remote store, checks it is
-still held just before deleting (docs/design.md, "Remote stores").
+the store lock exclusively (flock, or lock objects with a lease), checks the lease before each
+batch of deletes, and keeps the packs of manifests that appeared after it listed the snapshots
+(docs/design.md, "Remote stores").
 """
 from __future__ import annotations
 
