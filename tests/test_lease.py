@@ -370,8 +370,9 @@ def test_a_corrupt_local_copy_is_fetched_again(lease_ws, bucket, tmp_path):
 
 
 def test_pack_reads_that_stall_make_the_restore_a_miss_in_time(lease_ws, bucket):
-    """The lookup answers, then every pack GET stalls mid-body: still a miss within 5 s, and
-    the target it leaves builds right."""
+    """The lookup answers, then every pack GET stalls mid-body: within 5 s the restore is done,
+    the stalled packs counted as damage (their units left out, or a miss), and the target it
+    leaves builds right."""
     ws = lease_ws
     run(ws, bucket, "save", "--key", "lease-packs", "--no-gc", "--json").check()
     shutil.rmtree(ws.target)
@@ -381,9 +382,11 @@ def test_pack_reads_that_stall_make_the_restore_a_miss_in_time(lease_ws, bucket)
                                                env={"RSNAP_S3_RETRIES": "6", "RSNAP_S3_RETRY_MIN_DELAY": "0.2"}))
     finally:
         bucket.proxy.clear()
-    print(f"packs stall: restore miss in {t_restore:.2f} s")
-    assert restore.returncode == 0 and restore.data["result"] == "miss", restore.stdout + restore.stderr
-    assert "stopped answering" in restore.data["message"]
+    print(f"packs stall: restore done in {t_restore:.2f} s")
+    assert restore.returncode == 0, restore.stderr
+    data = restore.data
+    assert data["result"] == "miss" or data["damaged"]["unreadable"] >= 1, data
+    assert "stopped answering" in restore.stdout + restore.stderr
     assert t_restore <= 5.0
     assert ws.build("build", "--offline").success
     assert app_output(ws) == ws.expected_output
