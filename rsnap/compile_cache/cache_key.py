@@ -289,7 +289,7 @@ class Prepared:
 
 
 def expected_outputs(inv: Invocation) -> list[str]:
-    name = inv.crate_name + inv.codegen()["extra-filename"]
+    name = inv.crate_name + inv.codegen().get("extra-filename", "")
     emits = inv.emits()
     outs = []
     if "dep-info" in emits:

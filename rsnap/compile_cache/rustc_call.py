@@ -114,7 +114,9 @@ def non_cacheable_reason(inv: Invocation) -> str | None:
         return "incremental"
     if not inv.crate_name:
         return "no-crate-name"
-    if not cg.get("extra-filename"):
+    if not cg.get("extra-filename") and not cg.get("metadata"):
+        # cargo names every unit by one of them; its new build-dir layout gives bins and test
+        # harnesses a directory of their own and only `-C metadata`
         return "no-extra-filename"
     if not inv.value("--out-dir"):
         return "no-out-dir"
