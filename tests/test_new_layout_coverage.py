@@ -50,20 +50,24 @@ class CacheWorld:
 
     def build(self, co, cached: bool = True, **env) -> tuple[list[dict], dict[str, list[str]], str]:
         """A build into an empty target and build dir: (messages, crate -> wrapper results, app output)."""
+        messages, results, target = self.cargo(co, "build", cached, **env)
+        out = subprocess.run([target / "debug" / "app"], check=True, capture_output=True, text=True).stdout
+        co.where = subprocess.run([target / "debug" / "where"], check=True, capture_output=True, text=True).stdout
+        return messages, results, out
+
+    def cargo(self, co, command: str, cached: bool = True, *args: str, **env):
         self.n += 1
         target, log = self.root / f"target{self.n}", self.root / f"log{self.n}"
         env = cargo_env(co.home, self.root / "store", self.root / "state", log, **NEW_LAYOUT_ENV,
                         CARGO_BUILD_BUILD_DIR=self.root / f"build{self.n}", **env)
         if not cached:
             del env["RUSTC_WRAPPER"]
-        messages = cargo_build(co.ws, env, target)
+        messages = cargo_build(co.ws, env, target, *args, command=command)
         results: dict[str, list[str]] = {}
         for result, crate, _kinds, _detail in read_log(log):
             if crate not in ("-", "___"):
                 results.setdefault(crate, []).append(result)
-        out = subprocess.run([target / "debug" / "app"], check=True, capture_output=True, text=True).stdout
-        co.where = subprocess.run([target / "debug" / "where"], check=True, capture_output=True, text=True).stdout
-        return messages, results, out
+        return messages, results, target
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,22 @@ def test_compile_cache_edits_and_build_script_inputs_are_never_served_stale(cach
     assert out == w.build(w.b, cached=False, RSNAP_GEN_VALUE="other")[2]
     _m, res, out = w.build(w.b)  # back to the first sources: served from the cache, as they were
     assert res["util"] == ["hit"] and res["gen"] == ["hit"] and out == w.out_a, (res, out)
+
+
+def test_compile_cache_test_harness_hits_at_another_path_and_runs(cache_world):
+    """`cargo test` harnesses: built and kept in the build dir on this layout (not uplifted); the
+    second checkout's comes from the cache and passes."""
+    w = cache_world
+    found = {}
+    for co in (w.a, w.b):
+        messages, res, _target = w.cargo(co, "test", True, "-p", "util", "--no-run")
+        found[co.ws] = res
+        exe = next(m["executable"] for m in messages if m.get("reason") == "compiler-artifact" and m["profile"]["test"])
+        assert Path(exe).is_relative_to(w.root / f"build{w.n}"), exe  # harnesses stay in the build dir
+        ran = subprocess.run([exe], capture_output=True, text=True)
+        assert ran.returncode == 0 and "test result: ok" in ran.stdout, ran.stdout + ran.stderr
+    # util's lib (hit: the first build cached it) and its harness (a miss, then a hit)
+    assert sorted(found[w.a.ws]["util"]) == ["hit", "miss"] and found[w.b.ws]["util"] == ["hit", "hit"], found
 
 
 # ---------------------------------------------------------------- the fixture workspace, saved once
