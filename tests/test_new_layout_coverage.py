@@ -179,6 +179,19 @@ def test_persistent_runner_restore_is_settled_and_repairs_the_build_dir(runner):
     build = ws.build("build", "--offline")
     assert build.all_fresh(), build.summary()
     assert rsnap(ws, runner.store, "status", "--json").check().data["rebuild"] == []
+    # a job builds a change (cargo rewrites the units in their dirs) and does not save; the next
+    # job, at the saved commit, gets the snapshot's units back and builds nothing
+    ws.replace(CORE, "pub const REVISION: u32 = 1;", "pub const REVISION: u32 = 5;")
+    status = rsnap(ws, runner.store, "status", "--json").check().data
+    build = ws.build("build", "--offline")
+    assert rebuild_sets(status["rebuild"]) == cargo_sets(build), (status["rebuild"], build.summary())
+    assert build.compiled() == CORE_DEPENDENTS and "rev=5" in ws.run_app(), build.summary()
+    ws.git("checkout", "--", CORE)
+    res = _restore(runner)
+    assert "build" not in res["settled_roots"] and res["files_written"] >= 4, res
+    build = ws.build("build", "--offline")
+    assert build.all_fresh(), build.summary()
+    assert "rev=1" in ws.run_app()
 
 
 def _fresh_runner_build(r, what: str) -> dict:
