@@ -12,6 +12,11 @@ built_workspace (session)   a Workspace built once per session (don't mutate; co
 template_output (session)   clean-build app output of the unedited template, normalized (<ROOT>)
 moto_server, fault_proxy    S3 server and fault proxy (tests/s3_fixtures.py)
 
+RSNAP_TEST_REQUIRE=all (set by .ci/run): every skip is a failure, so CI cannot go green with an
+area (BuildKit, Earthly, tmpfs, read-only store, capability drop, gc, a second toolchain, moto)
+left untested. Without it, tests skip where the machine lacks something. Either way the run
+ends with the list of skips.
+
 Set RSNAP_TEST_REGISTRY_PORT to pin the registry port (cargo's registry dir names
 under $CARGO_HOME hash the index URL, so they change with the port).
 """
@@ -28,6 +33,28 @@ from cargo_util import (Workspace, cargo_env as _cargo_env, create_workspace, mk
 from fixtures.tools import cargohome
 
 pytest_plugins = ["s3_fixtures", "buildkit_fixtures"]  # moto_server, fault_proxy; buildkit, buildkit_session
+
+REQUIRE_ALL = os.environ.get("RSNAP_TEST_REQUIRE") == "all"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under RSNAP_TEST_REQUIRE=all a skip (in setup or in the test) is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"RSNAP_TEST_REQUIRE=all: CI must not skip this test ({reason})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The last lines of every run: what was skipped and why (empty under RSNAP_TEST_REQUIRE=all)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.section(f"rsnap: {len(skipped)} skipped", sep="-")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"SKIPPED {rep.nodeid}: {reason}")
 
 
 @pytest.fixture(scope="session")
