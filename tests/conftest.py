@@ -24,6 +24,7 @@ under $CARGO_HOME hash the index URL, so they change with the port).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,11 @@ def pytest_terminal_summary(terminalreporter):
     for rep in skipped:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         terminalreporter.write_line(f"SKIPPED {rep.nodeid}: {reason}")
+    util = sys.modules.get("reliability_util")
+    if util and util.LANDED_KILLS:
+        kills = util.LANDED_KILLS
+        terminalreporter.write_line(f"rsnap: {sum(kills.values())} kills landed at {len(kills)} fault points: "
+                                    + ", ".join(f"{k}={v}" for k, v in sorted(kills.items())))
 
 
 @pytest.fixture(scope="session")
