@@ -141,7 +141,7 @@ class NeverStale(RuleBasedStateMachine):
             run_killed(self.ws, self.scene.store, kill, "restore", "--json", env_extra={**self.env(), **env})
             STATS["kills"] += 1
         done = self.rsnap("restore", "--json", env=env).check().data
-        assert done["repaired_interrupted_restore"] is bool(kill), kill
+        assert done.get("repaired_interrupted_restore", False) is bool(kill), (kill, done)
         return done["result"] != "miss"
 
     def save(self) -> None:
@@ -150,14 +150,24 @@ class NeverStale(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ rules
 
-    @rule(persistent=st.booleans(), cold_home=st.booleans(), old_mtimes=st.sampled_from([None, 0, 10**15]),
-          ops=st.lists(OPS, max_size=3), edit_after=st.booleans(), mode=st.sampled_from(["partial", "full"]),
-          kill=st.sampled_from([None, None, *RESTORE_KILLS]))
-    def ci_run(self, persistent, cold_home, old_mtimes, ops, edit_after, mode, kill):
-        """A CI job: check out the newest commit, restore, build (checked), save, push."""
+    RUN = dict(cold_home=st.booleans(), old_mtimes=st.sampled_from([None, 0, 10**15]), ops=st.lists(OPS, max_size=3),
+               edit_after=st.booleans(), mode=st.sampled_from(["partial", "full"]),
+               kill=st.sampled_from([None, None, *RESTORE_KILLS]))
+
+    @rule(**RUN)
+    def fresh_runner(self, **run):
+        """A CI job on a new machine: a fresh clone (new mtimes, no target/)."""
+        self.ws.clone_fresh(allow_dirty=True)
+        self.ci_run("fresh", **run)
+
+    @rule(**RUN)
+    def persistent_runner(self, **run):
+        """A CI job on the machine of the last one: its worktree and target/ are still there."""
+        self.ci_run("persistent", **run)
+
+    def ci_run(self, runner, cold_home, old_mtimes, ops, edit_after, mode, kill):
+        """Check out, restore, build (checked), save, push."""
         ws = self.ws
-        if not persistent:
-            ws.clone_fresh(allow_dirty=True)
         if cold_home:
             for sub in ("registry", "git"):
                 shutil.rmtree(ws.cargo_home / sub, ignore_errors=True)
@@ -168,8 +178,8 @@ class NeverStale(RuleBasedStateMachine):
         hit = self.restore(mode, kill if self.snapshots else None)   # a kill lands only on a hit
         for op in (ops if edit_after else []):
             apply_op(ws, op)
-        self.build_and_check(f"ci run: persistent={persistent} old_mtimes={old_mtimes} ops={ops} "
-                             f"edit_after={edit_after} {mode} kill={kill}", explain=hit)
+        self.build_and_check(f"{runner} runner: old_mtimes={old_mtimes} ops={ops} edit_after={edit_after} "
+                             f"{mode} kill={kill}", explain=hit)
         self.save()
         self.runs += 1
         ws.commit(f"ci run {self.runs}")
@@ -181,6 +191,7 @@ class NeverStale(RuleBasedStateMachine):
         self.config = {"rustflags": rustflags, "features": features, "profile": profile}
         self.build_and_check(f"config changed to {self.config}")
 
+    @precondition(lambda self: self.runs > 0)
     @rule()
     def gc(self):
         self.rsnap("gc").check()
