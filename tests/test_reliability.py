@@ -8,8 +8,6 @@ Budgets (CI defaults; raise them locally):
   RSNAP_CRASH_EXAMPLES       restores killed at a random point (default 9)
   RSNAP_SAVE_CRASH_EXAMPLES  saves killed at a random point (default 5)
   RSNAP_GC_CRASH_EXAMPLES    gc runs killed after their k-th deletion (default 3)
-  RSNAP_LONGRUN_STEPS        random CI-run steps (default 30)
-  RSNAP_LONGRUN_SECONDS      ... and then more until this many seconds have passed (default 0)
 Each test prints a `[rsnap reliability]` summary line (cases, kills, steps).
 """
 from __future__ import annotations
@@ -18,7 +16,6 @@ import collections
 import fcntl
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -42,10 +39,6 @@ from rsnap_util import one_line_error
 CRASH_EXAMPLES = int(os.environ.get("RSNAP_CRASH_EXAMPLES", "9"))
 SAVE_CRASH_EXAMPLES = int(os.environ.get("RSNAP_SAVE_CRASH_EXAMPLES", "5"))
 GC_CRASH_EXAMPLES = int(os.environ.get("RSNAP_GC_CRASH_EXAMPLES", "3"))
-# A count, not a time: the same steps on every machine (with CI's fixed seed, the same run). It used
-# to be "60 s": 25 steps within the full suite on main on a shared 2-core machine, ~45 alone.
-LONGRUN_STEPS = int(os.environ.get("RSNAP_LONGRUN_STEPS", "30"))
-LONGRUN_SECONDS = float(os.environ.get("RSNAP_LONGRUN_SECONDS", "0"))
 HYPOTHESIS = dict(deadline=None, derandomize=bool(os.environ.get("CI")), database=None,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -867,83 +860,5 @@ def test_existing_symlink_in_cargo_home_is_not_written_through(scene, tmp_path):
     STATS["hostile-manifests"]["planted-symlink"] += 1
 
 
-# ---------------------------------------------------------------- 5. long run
-
-_LONGRUN_OPS = ["core_rev", "app_rev", "util_name", "macro_stamp", "words", "core_extra_add",
-                "core_extra_delete", "revert", "regdep"]
-
-
-def _random_op(rng: random.Random):
-    kind = rng.choice(_LONGRUN_OPS)
-    if kind == "words":
-        return kind, rng.sample(["alpha", "beta", "gamma", "delta", "zeta"], rng.randint(1, 4))
-    if kind == "revert":
-        return kind, rng.choice(["crates/core", "crates/app", "crates/util", "crates/gen", "crates/macros"])
-    if kind == "regdep":
-        return kind, rng.choice(["1.0.0", "1.0.1", "1.1.0"])
-    return kind, rng.randint(1, 6)
-
-
-def test_long_run_of_random_ci_runs_is_never_stale(registry, gitdep_url, tmp_path_factory, request):
-    """Random steps on one repo and store: edits, cold or persistent runners with fresh or
-    commit-time mtimes, restores (sometimes killed), builds checked against a clean build,
-    saves (sometimes killed), prunes, gc. Zero stale builds, every snapshot complete."""
-    from test_never_stale import apply_op
-    seed = int(os.environ.get("RSNAP_LONGRUN_SEED", "0")) or (1 if os.environ.get("CI") else random.randrange(1 << 30))
-    rng = random.Random(seed)
-    base = tmp_path_factory.mktemp("longrun")
-    ws = create_workspace(base / "ws", registry.index_url, gitdep_url)
-    ws.git("tag", "origin-initial")
-    ws.git("push", "-q", "origin", "origin-initial")
-    store = base / "store"
-    stats = STATS["long-run"]
-    stats["seed"] = seed
-    started = time.monotonic()
-    deadline = started + LONGRUN_SECONDS
-    steps = 0
-    while steps < LONGRUN_STEPS or time.monotonic() < deadline:
-        steps += 1
-        ctx = f"seed {seed} step {steps}"
-        persistent = rng.random() < 0.4
-        if not persistent:
-            ws.clone_fresh(allow_dirty=True)
-            if rng.random() < 0.5:
-                shutil.rmtree(ws.cargo_home / "registry", ignore_errors=True)
-        if rng.random() < 0.4:
-            set_source_mtimes(ws, OLD_MTIME_NS + rng.randrange(10**12))
-        ops = [_random_op(rng) for _ in range(rng.randint(0, 3))]
-        after = rng.random() < 0.3
-        for op in ([] if after else ops):
-            apply_op(ws, op)
-        kill = steps > 1 and rng.random() < 0.25   # the store has a snapshot from step 2 on
-        points = ["restore.marker:1", "restore.done:1"] + ([] if persistent else [f"restore.write:{rng.randint(1, 100)}"])
-        env = {"RSNAP_FAULT": rng.choice(points)} if kill else {}
-        res = run_killed(ws, store, env["RSNAP_FAULT"], "restore", "--json") if kill else \
-            run_rsnap(ws, store, "restore", "--json").check()
-        stats["restores-killed"] += kill
-        for op in (ops if after else []):
-            apply_op(ws, op)
-        _assert_correct(ws, f"{ctx}: ops {ops} after restore {after} persistent {persistent} kill {env}")
-        stats["builds-checked"] += 1
-        if res.returncode != 0:
-            run_rsnap(ws, store, "restore", "--json").check()
-            _assert_correct(ws, f"{ctx}: repaired")
-            stats["builds-checked"] += 1
-        if rng.random() < 0.3:
-            run_rsnap(ws, store, "gc").check()
-            _assert_correct(ws, f"{ctx}: after gc")
-            stats["gc"] += 1
-        if rng.random() < 0.2:
-            point = rng.choice([f"save.file:{rng.randint(1, 100)}", "save.manifest:1", "store.snapshots.tmp:1",
-                                "store.snapshots:1"])   # points every save passes (100 < its files)
-            run_killed(ws, store, point, "save", "--json")
-            stats["saves-killed"] += 1
-        run_rsnap(ws, store, "save", "--json").check()
-        if rng.random() < 0.15:
-            run_rsnap(ws, store, "store", "prune", "--keep", "1").check()
-            stats["prunes"] += 1
-        ws.commit(f"longrun {steps}")
-    stats["steps"] = steps
-    stats["snapshots"] = check_store(store)["snapshots"]
-    report(request.config, f"[rsnap reliability] long run: {steps} steps in {time.monotonic() - started:.0f}s, seed {seed}, "
-                           f"zero stale builds")
+# 5. the long run of random CI runs is now the never-stale state machine
+# (tests/never_stale_machine.py; bench/bench_never_stale.py for a long run).
