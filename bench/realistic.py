@@ -50,12 +50,13 @@ DEBIAN_PACKAGES = [
     "librust-env-logger-dev", "librust-rayon-dev", "librust-flate2-dev", "librust-indexmap-dev",
     "librust-petgraph-dev", "librust-parking-lot-dev", "librust-tracing-dev",
     "librust-humantime-dev",  # env_logger's default features; not pulled in with --no-install-recommends
+    "librust-regex+default-dev",  # regex's default features (aho-corasick): likewise
 ]
 # Crate dir names (without version) that must exist after the install.
 REQUIRED_CRATES = ["serde", "serde_derive", "serde_json", "regex", "clap", "clap_derive",
                    "anyhow", "thiserror", "itertools", "rand", "log", "memchr", "smallvec",
                    "bytes", "once_cell", "syn", "quote", "proc-macro2", "env_logger", "rayon", "flate2",
-                   "indexmap", "petgraph", "parking_lot", "tracing", "humantime"]
+                   "indexmap", "petgraph", "parking_lot", "tracing", "humantime", "aho-corasick"]
 # Left out of the .crate files: Debian's packaging dir and its placeholder checksum.
 DROPPED_FROM_CRATES = (".cargo-checksum.json", "debian")
 

@@ -1,4 +1,5 @@
-"""Error type carrying the exit code the CLI reports (see README, "Exit codes")."""
+"""Error types carrying the exit code the CLI reports (see README, "Exit codes"). A store
+failure is a StoreError; its subclasses tell "not found" from "permanent" from "try again"."""
 
 EXIT_OK = 0
 EXIT_ERROR = 1          # generic failure
@@ -26,3 +27,15 @@ class StoreError(RsnapError):
 class FormatError(RsnapError):
     def __init__(self, message: str):
         super().__init__(message, EXIT_FORMAT)
+
+
+class NotFoundError(StoreError):
+    """The object (or the store itself) does not exist."""
+
+
+class PermanentStoreError(StoreError):
+    """Retrying will not help: access denied, no such bucket, invalid configuration."""
+
+
+class TransientStoreError(StoreError):
+    """Worth another try later: throttled, unreachable, timed out, a server error."""

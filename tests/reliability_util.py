@@ -17,7 +17,7 @@ from pathlib import Path
 
 import xxhash
 
-from rsnap.store import repo
+from rsnap.repository import repo
 from rsnap.store import LocalStore
 from rsnap_util import RsnapResult
 

@@ -1,4 +1,4 @@
-"""Big files are stored as content-defined chunks (rsnap.store.chunking): a small edit stores only the
+"""Big files are stored as content-defined chunks (rsnap.repository.chunking): a small edit stores only the
 chunks around it, and restore reassembles the exact bytes or fails loudly."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rsnap.snapshot import save as snapshot
-from rsnap.store import chunking, repo
+from rsnap.repository import chunking, repo
 from rsnap.errors import StoreError
 from rsnap.store import LocalStore
 

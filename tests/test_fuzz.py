@@ -14,8 +14,8 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rsnap.store import manifest as mf
-from rsnap.store import repo
+from rsnap.repository import manifest as mf
+from rsnap.repository import repo
 from rsnap.errors import RsnapError
 from rsnap.store import LocalStore
 

@@ -76,7 +76,8 @@ def save_supports(flag: str) -> bool:
 
 
 def snapshot_root_bytes(store: Path, name: str) -> dict[str, int]:
-    from rsnap.store import open_store, repo
+    from rsnap.store import open_store
+    from rsnap.repository import repo
     m = repo.read_manifest(open_store(str(store), create=False), name)
     return {r.name: sum(e.size for e in r.entries if e.type == "f") for r in m.roots}
 

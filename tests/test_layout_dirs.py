@@ -47,7 +47,8 @@ def test_key_reports_its_inputs_and_changes_with_rustflags(built_workspace, tmp_
 
 
 def test_keep_cargo_home_leaves_disk_alone_but_prunes_the_snapshot(make_workspace, tmp_path):
-    from rsnap.store import open_store, repo
+    from rsnap.store import open_store
+    from rsnap.repository import repo
     ws = make_workspace()
     ws.build("build")
     ws.cargo("update", "-p", "regdep", "--precise", "1.0.1")

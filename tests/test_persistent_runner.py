@@ -145,7 +145,7 @@ def test_cargos_rustc_cache_travels_with_the_snapshot(runner, tmp_path):
                                    {"target": {".rustc_info.json": 7}}, ["x"]])
 def test_hostile_rustc_info_is_refused(field):
     from rsnap.errors import FormatError
-    from rsnap.store import manifest as mf
+    from rsnap.repository import manifest as mf
     m = mf.Manifest(key="k", created_ns=1, workspace_root="/w", cargo_home="/h", rsnap_version="0",
                     key_inputs={}, roots=[], sources=[], source_dirs=[], blobs={}, rustc_info={"target": {}})
     m.rustc_info = field

@@ -5,7 +5,8 @@ import os
 import time
 
 from rsnap import __version__
-from rsnap.store import LocalStore, manifest as mf, prune, repo
+from rsnap.store import LocalStore
+from rsnap.repository import manifest as mf, prune, repo
 
 
 def snapshot(store, key: str, age_s: float, packs: dict[str, int]) -> str:

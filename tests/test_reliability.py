@@ -32,7 +32,7 @@ from cargo_util import create_workspace
 from reliability_util import (OLD_MTIME_NS, check_store, checkout, copy_tree, drop_dac_caps, file_size_limit,
                               permissions_enforced, run_killed, run_rsnap, set_source_mtimes, start_rsnap, store_files,
                               trace_points, try_mount, umount, wait_for_stderr)
-from rsnap.store import manifest as mf, repo
+from rsnap.repository import manifest as mf, repo
 from rsnap.store import LocalStore
 from rsnap_util import one_line_error
 

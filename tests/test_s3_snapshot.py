@@ -91,7 +91,7 @@ def complete(store) -> list[str]:
 
     Each pack is fetched once, whole (`jobs` GETs in flight), and every blob of every manifest
     is verified from it: one ranged GET per blob through the proxy cost ~45 ms, ~9 s a snapshot."""
-    from rsnap.store import repo
+    from rsnap.repository import repo
     names = [n for n, _k, _c in repo.list_snapshots(store)]
     packs: dict[str, bytes] = {}
     for name in names:

@@ -18,7 +18,7 @@ from ..errors import RsnapError, EXIT_LOCKED
 from ..faults import point as _fault_point   # RSNAP_FAULT=gc:N: SIGKILL after the N-th deletion
 from .layout import RSNAP_DIR
 
-# NamedTuples and plain classes, not dataclasses: every save imports GC (see rsnap.store.manifest)
+# NamedTuples and plain classes, not dataclasses: every save imports GC (see rsnap.repository.manifest)
 
 TRASH = "trash"
 LOCK_TIMEOUT_S = 600.0

@@ -1,9 +1,12 @@
-"""Default snapshot key: a digest of everything that changes what cargo builds.
+"""Default snapshot key: a digest of everything that changes what cargo builds, and the CI job.
 
-Key shape: <os>-<arch>-<toolchain8>-<paths8>-<rest16>. The first four parts form the
+Key shape: <os>-<arch>-<toolchain8>-<paths8>-<job8>-<rest16>. The first four parts form the
 "family" prefix: a partial restore only takes snapshots of the same platform,
 toolchain, workspace path and CARGO_HOME (anything else would rebuild everything or,
-for crates embedding CARGO_MANIFEST_DIR, be stale).
+for crates embedding CARGO_MANIFEST_DIR, be stale). The fifth is the CI job (RSNAP_JOB,
+else GITHUB_JOB, else GitLab's CI_JOB_NAME; none outside CI): two jobs of one workflow
+(`cargo build --release`, `cargo test`) build different units, and sharing one key, each
+would restore the other's snapshot and its save's GC would drop the other's units.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from . import prefetch
 from ..errors import RsnapError, EXIT_USAGE, EXIT_WORKSPACE
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9._+=-]{1,200}$")
-KEY_FORMAT = "1"
+KEY_FORMAT = "2"
+# where the CI job's identity comes from, first set wins (RSNAP_JOB even when empty: "no job")
+JOB_ENV = ("RSNAP_JOB", "GITHUB_JOB", "CI_JOB_NAME")
 
 _ENV_PREFIXES = ("CARGO_", "RUST", "CC", "CFLAGS", "CXX", "CMAKE", "LDFLAGS", "AR")
 _ENV_IGNORED = re.compile(
@@ -82,6 +87,14 @@ def build_env() -> dict[str, str]:
             if k.startswith(_ENV_PREFIXES) and not _ENV_IGNORED.match(k)}
 
 
+def job_identity(env=os.environ) -> str:
+    """The CI job this run belongs to, "" when there is none."""
+    for name in JOB_ENV:
+        if name in env and (env[name] or name == "RSNAP_JOB"):
+            return env[name]
+    return ""
+
+
 def key_inputs(ws) -> dict:
     rustc = rustc_version(str(ws.root))
     host = next((l.split(":", 1)[1].strip() for l in rustc.splitlines() if l.startswith("host:")), "unknown")
@@ -99,6 +112,7 @@ def key_inputs(ws) -> dict:
                            if (ws.root / n).exists()},
         "cargo_config": _config_files(ws),
         "env": build_env(),
+        "job": job_identity(),
     }
     return inputs
 
@@ -109,6 +123,19 @@ def family_prefix(inputs: dict) -> str:
     return f"{inputs['os']}-{inputs['arch']}-{toolchain}-{paths}-"
 
 
+def job_prefix(inputs: dict) -> str:
+    """The family prefix plus this job's part: the same job's snapshots of other inputs."""
+    job = inputs.get("job", "").encode("utf-8", "surrogateescape")   # env bytes that are not UTF-8
+    return family_prefix(inputs) + _h(job, 8) + "-"
+
+
+def fallback_prefixes(inputs: dict, restore_keys: list[str] = ()) -> list[str]:
+    """Where an exact miss looks next, in order: this job's older snapshots, the --restore-key
+    prefixes, then any job's snapshot of the same family."""
+    return [job_prefix(inputs), *restore_keys, family_prefix(inputs)]
+
+
 def default_key(inputs: dict) -> str:
-    rest = {k: v for k, v in inputs.items() if k not in ("os", "arch", "rustc", "workspace_root", "cargo_home")}
-    return family_prefix(inputs) + _h(repr(sorted(rest.items())), 16)
+    rest = {k: v for k, v in inputs.items()
+            if k not in ("os", "arch", "rustc", "workspace_root", "cargo_home", "job")}
+    return job_prefix(inputs) + _h(repr(sorted(rest.items())), 16)

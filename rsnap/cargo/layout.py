@@ -31,7 +31,7 @@ _HASH_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
 
 
 class Workspace:
-    """Where cargo keeps things for one workspace (a plain class: see rsnap.store.manifest)."""
+    """Where cargo keeps things for one workspace (a plain class: see rsnap.repository.manifest)."""
 
     def __init__(self, *, root: Path, target_dir: Path, build_dir: Path, cargo_home: Path, manifest_path: Path,
                  path_package_dirs: list[Path] | None = None, package_dirs_by_name: dict[str, Path] | None = None):

@@ -15,7 +15,8 @@ from ..cargo.layout import discover
 from ..errors import StoreError
 from ..progress import human_bytes
 from ..snapshot.roots import restore_interrupted
-from ..store import open_store, repo
+from ..store import open_store
+from ..repository import repo
 from . import commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -129,10 +130,11 @@ def key(manifest_path: Optional[str] = ManifestOpt, as_json: bool = JsonOpt):
     inputs = keys.key_inputs(ws)
     k = keys.default_key(inputs)
     if as_json:
-        print(json.dumps({"key": k, "restore_prefix": keys.family_prefix(inputs), "inputs": inputs}, sort_keys=True))
+        print(json.dumps({"key": k, "restore_prefix": keys.family_prefix(inputs),
+                          "restore_prefixes": keys.fallback_prefixes(inputs), "inputs": inputs}, sort_keys=True))
     else:
         print(k)
-        print(f"# fallback prefix: {keys.family_prefix(inputs)}")
+        print(f"# fallback prefixes: {' then '.join(keys.fallback_prefixes(inputs))}")
         for name, value in inputs.items():
             if isinstance(value, str) and "\n" in value:
                 value = value.strip().splitlines()[0] + " ..."
@@ -149,7 +151,7 @@ def status(
     what the target dir holds. Reads only; writes nothing."""
     ws = discover(manifest_path)
     k, inputs = commands.key_and_inputs(ws, key)
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
             "interrupted_restore": restore_interrupted(ws)}
@@ -223,7 +225,7 @@ def store_prune(store: Optional[str] = StoreOpt,
     """Delete old snapshots (--keep per key, --older-than, --max-size) and packs no snapshot references (in --scope's namespace)."""
     from ..cargo.gc import parse_size
     from ..errors import RsnapError, EXIT_USAGE
-    from ..store import prune
+    from ..repository import prune
     try:
         age = prune.parse_duration(older_than) if older_than else None
         grace_s = prune.parse_duration(grace) if grace else None

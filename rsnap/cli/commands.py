@@ -18,7 +18,8 @@ from ..progress import human_bytes
 from ..snapshot.restore import restore as restore_snapshot
 from ..snapshot.roots import arm_usage, locked, restore_interrupted
 from ..snapshot.settled import read_manifest
-from ..store import default_store_url, open_store, repo
+from ..store import default_store_url, open_store
+from ..repository import repo
 
 
 def emit(as_json: bool, data: dict, text: str, quiet: bool = False) -> None:
@@ -43,7 +44,7 @@ def restore(store: str | None = None, key: str | None = None, restore_key: list[
             manifest_path: str | None = None, allow_relocate: bool = False, as_json: bool = False,
             quiet: bool = False, scope: str | None = None, read_scope: list[str] | None = None) -> None:
     st = _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, quiet, scope, read_scope)
-    if getattr(st, "remote_store", False):
+    if st is not None and st.remote_store:
         _sync_cache(st, "down", quiet)
 
 
@@ -51,9 +52,9 @@ def _sync_cache(st, direction: str, quiet: bool) -> None:
     """The compile cache's local tier <-> the remote store's cache/ (rsnap.store.tiered)."""
     if os.environ.get("RSNAP_CACHE_SYNC", "1") in ("0", "false", "off", "no"):
         return
-    from ..store import tiered
+    from ..store import cache_sync
     try:
-        (tiered.sync_cache_down if direction == "down" else tiered.sync_cache_up)(st)
+        (cache_sync.sync_cache_down if direction == "down" else cache_sync.sync_cache_up)(st)
     except StoreError as e:
         if not quiet:
             sys.stderr.write(f"rsnap: warning: compile cache not synced with {st.url}: {e}\n")
@@ -67,7 +68,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     k, inputs = key_and_inputs(ws, key)
     timings.mark("key")
     record_key = lambda: key_record.remember(ws, k, inputs, "explicit" if key else "default")  # noqa: E731
-    prefixes = [keys.validate_key(p) for p in (restore_key or [])] + [keys.family_prefix(inputs)]
+    prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
     try:
         st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
@@ -75,7 +76,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
         _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws, record_key)
         return None
     timings.mark("lookup")
-    remote = getattr(st, "remote_store", False)  # a remote store that fails is a miss (exit 0), not an error
+    remote = st.remote_store  # a remote store that fails is a miss (exit 0), not an error
     if name is None:
         _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
               "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws, record_key)
@@ -109,23 +110,45 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
             _miss(as_json, quiet, {**base, "snapshot": name}, started,
                   f"{e}; the partly restored target is not trusted (no fingerprints): cargo will build from scratch", ws, record_key)
             return None
-    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key,
+    result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key, "fallback": _fallback(kind, m.key, inputs),
               "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
               "discovery_cached": prefetch.from_cache()}
+    result["incremental_hint"] = _incremental_hint(inputs, m)
     prefetch.remember(ws.target_dir, manifest_path)
     if out["clock_shift_seconds"] and not as_json and not quiet:
         sys.stderr.write(f"rsnap: warning: the snapshot's mtimes lay up to {out['clock_shift_seconds']}s in this "
                          "machine's future (clock skew); all restored mtimes were moved back by that much\n")
     emit(as_json, result,
-         f"rsnap: {kind} hit {m.key}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
+         f"rsnap: {kind} hit {m.key}{_FALLBACK_TEXT.get(result['fallback'], '')}: wrote {out['files_written']} files ({human_bytes(out['bytes_written'])}), "
          f"removed {out['files_removed']}, kept {out['files_unchanged']}, "
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
          + _left_out_line(out["skipped"])
          + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
-         + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", [])), quiet)
+         + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", []))
+         + (f"\nrsnap: hint: {result['incremental_hint']}" if result["incremental_hint"] else ""), quiet)
     return st
+
+
+_FALLBACK_TEXT = {"other-job": " (another CI job's snapshot)"}
+
+
+def _fallback(kind: str, snapshot_key: str, inputs: dict) -> str | None:
+    """For a partial hit, whose snapshot it took: "job" (this CI job's), "other-job" (another job
+    of the same workspace and toolchain), or "restore-key" (only a --restore-key matched)."""
+    if kind != "partial":
+        return None
+    if snapshot_key.startswith(keys.job_prefix(inputs)):
+        return "job"
+    return "other-job" if snapshot_key.startswith(keys.family_prefix(inputs)) else "restore-key"
+
+
+def _incremental_hint(inputs: dict, m) -> str | None:
+    """What to set when cargo would silently build without the snapshot's incremental dirs."""
+    from ..cargo import incremental_ci
+    return incremental_ci.hint(os.environ, inputs["rustc"], list(inputs.get("cargo_config", {})),
+                               lambda: incremental_ci.has_incremental_dirs(m))
 
 
 def _left_out_line(skipped: dict) -> str:
@@ -231,7 +254,7 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
                             progress=None if not (as_json or quiet) else False, home_excluded=excluded)
         key_record.consume(ws)
     prefetch.remember(ws.target_dir, manifest_path)
-    if getattr(st, "remote_store", False):
+    if st.remote_store:
         _sync_cache(st, "up", quiet)
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")

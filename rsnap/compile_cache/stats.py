@@ -43,17 +43,17 @@ def state_dir() -> str:
 
 
 def resolve_store_url(url: str | None = None) -> str:
-    """Same default as rsnap.store.default_store_url, without importing the store module
-    (the wrapper's pass-through path must stay light). A remote store (s3://) is never used
+    """The store URL the wrapper works on (the registry imports nothing heavy: the wrapper's
+    pass-through path must stay light). A remote store (e.g. s3://) is never used
     by a rustc call directly: the wrapper works on the local tier ($RSNAP_LOCAL_STORE, else
     the default local store), which `rsnap restore` fills from the remote store's cache/
     objects and `rsnap save` uploads from (rsnap.store.tiered, docs/compile-cache.md)."""
+    from ..store.registry import default_store_url, is_remote
     url = url or os.environ.get("RSNAP_STORE")
-    if url and url.startswith("s3://"):
+    if url and is_remote(url):
         url = os.environ.get("RSNAP_LOCAL_STORE")
     if not url:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        url = os.path.join(base, "rsnap")
+        url = default_store_url()
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
     return url

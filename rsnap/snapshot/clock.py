@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from ..store import manifest as mf
+from ..repository import manifest as mf
 
 MARGIN_NS = 1_000_000_000  # a shifted snapshot's newest artifact ends this far behind "now"
 

@@ -24,7 +24,7 @@ import re
 
 from ..cargo import fingerprints as fpr
 from ..cargo.layout import RSNAP_DIR
-from ..store import manifest as mf
+from ..repository import manifest as mf
 
 RECORD = "unmaterialized.json"
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -57,7 +57,7 @@ class PlannedTree(fpr.ManifestTree):
             pass
         if self.store is None or e.size > 1 << 20 or e.digest not in self.m.blobs:
             return None
-        from ..store import repo
+        from ..repository import repo
         return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
 
 

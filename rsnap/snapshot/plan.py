@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..cargo import layout
 from ..digest import hash_file
-from ..store import manifest as mf
+from ..repository import manifest as mf
 from . import scan
 
 class RestorePlan:

@@ -16,10 +16,11 @@ import os
 from ..cargo import fingerprints as fpr, rebuild
 from ..cargo.layout import RSNAP_DIR
 from ..errors import RsnapError, EXIT_WORKSPACE
-from ..store import repo
+from ..repository import repo
 
 RECORD = "prediction.json"
-KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env")
+INCREMENTAL_SETTINGS = ("env CARGO_INCREMENTAL", "env CARGO_BUILD_INCREMENTAL")
+KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_config", "env", "job")
 
 
 class SnapshotTree(fpr.ManifestTree):
@@ -42,12 +43,12 @@ def key_differences(old: dict, new: dict) -> list[str]:
     out = []
     for name in KEY_INPUT_NAMES:
         a, b = old.get(name), new.get(name)
-        if a == b:
+        if a == b or (name == "job" and not a and not b):   # older snapshots have no job
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{'env' if name == 'env' else 'config'} {k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         else:
-            out.append({"cargo_lock": "Cargo.lock", "rustc": "toolchain", "target": "target triple"}.get(name, name))
+            out.append({"cargo_lock": "Cargo.lock", "rustc": "toolchain", "target": "target triple", "job": "CI job"}.get(name, name))
     return out
 
 
@@ -68,6 +69,11 @@ def _predict(ws, m, inputs: dict, tree, view, settings=None) -> dict:
     notes = list(settings.notes)
     if diff:
         notes.insert(0, "key inputs differ from the snapshot's: " + ", ".join(diff))
+    incremental = [d for d in diff if d in INCREMENTAL_SETTINGS]
+    if incremental:   # cargo hashes the effective setting per unit, which depends on profile, CI, cargo
+        return {"rebuild": None, "units": len(units), "notes": notes, "key_differences": diff, "_units": units,
+                "summary": f"rebuild not predicted: {', '.join(incremental)} changed (the workspace's own "
+                           "crates rebuild if that turns incremental compilation on or off)"}
     return {"rebuild": entries, "units": len(units), "notes": notes, "key_differences": diff,
             "summary": rebuild.summary(entries), "_units": units}
 

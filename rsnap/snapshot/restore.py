@@ -21,7 +21,7 @@ from .. import faults, timings
 from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
-from ..store import manifest as mf, repo
+from ..repository import manifest as mf, repo
 from . import clock, partial, scan, settled
 from .plan import RestorePlan, merge_subtrees, plan_root, settled_plan
 from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
@@ -337,7 +337,7 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     if not files:
         return held_back
     from concurrent.futures import ThreadPoolExecutor  # (+logging: ~10 ms) only when there is work
-    from ..store import transfer
+    from ..repository import transfer
     tasks = _tasks(m, files)
     store = transfer.reader(store, _ranges(m, tasks))  # a remote store: ranges fetched ahead, in parallel
     pool = ThreadPoolExecutor(max_workers=WORKERS)

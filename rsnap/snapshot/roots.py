@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 
 from ..cargo import layout, usage
 from ..errors import RsnapError, EXIT_NOSPACE, EXIT_WORKSPACE, EXIT_LOCKED
-from ..store import manifest as mf
+from ..repository import manifest as mf
 
 RESTORING_MARKER = "restoring"
 
@@ -33,7 +33,7 @@ def usable_cpus() -> int:
 WORKERS = usable_cpus()  # more threads than CPUs only contend for the GIL
 
 
-class RootSpec(NamedTuple):  # NamedTuples and plain classes, not dataclasses: see rsnap.store.manifest
+class RootSpec(NamedTuple):  # NamedTuples and plain classes, not dataclasses: see rsnap.repository.manifest
     name: str
     path: Path
     subtrees: list[str]

@@ -6,7 +6,6 @@ after every pack it names is in the store. Save holds cargo's locks (shared).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
@@ -18,7 +17,7 @@ from .. import __version__, faults, timings
 from ..cargo import layout, mtimes, rustc_info
 from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
-from ..store import chunking, manifest as mf, repo
+from ..repository import chunking, manifest as mf, repo
 from . import partial, scan, settled
 from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
 
@@ -38,13 +37,12 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
     started = time.monotonic()
     if not ws.target_dir.is_dir():
         raise RsnapError(f"target dir {ws.target_dir} does not exist: build before saving", EXIT_WORKSPACE)
-    lock = store.lock(exclusive=False) if hasattr(store, "lock") else contextlib.nullcontext()
-    with lock as held:
+    with store.lock(exclusive=False) as held:
         return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held)
 
 
 def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held=None) -> dict:
-    known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix))
+    known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix, near=key))
     timings.mark("dedupe_tables")
     writer = repo.PackWriter(store)
     stats = SaveStats()
@@ -131,7 +129,7 @@ def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:
     lock objects: refreshed in time, so no prune may have called it stale), and every pack
     this snapshot reuses from earlier snapshots is still in the store (docs/design.md,
     "Remote stores"). Otherwise no manifest is written: the save fails, nothing is visible."""
-    if hasattr(held, "check"):
+    if held is not None:
         try:
             held.check()
         except StoreError as e:

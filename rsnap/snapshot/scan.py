@@ -22,7 +22,7 @@ from ..errors import RsnapError, EXIT_WORKSPACE
 STATE_FILE = "state"
 
 
-class Found(NamedTuple):  # not a dataclass: see rsnap.store.manifest
+class Found(NamedTuple):  # not a dataclass: see rsnap.repository.manifest
     rel: str
     type: str          # "f", "d", "l"
     mode: int

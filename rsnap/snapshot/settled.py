@@ -32,7 +32,7 @@ import zstandard
 
 from .. import __version__
 from ..cargo.layout import RSNAP_DIR
-from ..store import manifest as mf
+from ..repository import manifest as mf
 from . import scan
 
 SETTLED_FILE = "settled"

@@ -10,21 +10,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import faults
-from ..errors import RsnapError, StoreError, EXIT_NOSPACE
-from .base import Store, check_name
+from ..errors import EXIT_NOSPACE, NotFoundError, PermanentStoreError, RsnapError, StoreError
+from .base import Backend, Capabilities, HeldLock, check_name
 
 MAP_FROM = 1 << 20  # get_range maps ranges this long instead of reading them
 
 
-class LocalStore(Store):
+class LocalStore(Backend):
     """Objects are files under `root`; writes go to a temp file, fsync, then rename."""
+
+    capabilities = Capabilities(list=True, delete=True, lock=True, conditional_create=True,
+                                ranged_reads=True, connections=1)
 
     def __init__(self, root: Path, create: bool = True):
         self.root = Path(root)
         self.url = str(self.root)
         if not self.root.is_dir():
             if not create:
-                raise StoreError(f"store {self.root} does not exist")
+                raise NotFoundError(f"store {self.root} does not exist")
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -46,9 +49,9 @@ class LocalStore(Store):
         try:
             return self._path(name).read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"store object {name} is missing from {self.root}") from None
+            raise NotFoundError(f"store object {name} is missing from {self.root}") from None
         except OSError as e:
-            raise StoreError(f"cannot read {name} from store {self.root}: {e.strerror}") from None
+            raise _error(e)(f"cannot read {name} from store {self.root}: {e.strerror}") from None
 
     def get_range(self, name: str, offset: int, length: int):
         """bytes, or for a long range a memoryview of the mapped object: packs are immutable
@@ -63,14 +66,31 @@ class LocalStore(Store):
                 f.seek(offset)
                 data = f.read(length)
         except FileNotFoundError:
-            raise StoreError(f"store object {name} is missing from {self.root}") from None
+            raise NotFoundError(f"store object {name} is missing from {self.root}") from None
         except OSError as e:
-            raise StoreError(f"cannot read {name} from store {self.root}: {e.strerror}") from None
+            raise _error(e)(f"cannot read {name} from store {self.root}: {e.strerror}") from None
         if len(data) != length:
             raise StoreError(f"store object {name} is truncated")
         return data
 
     def put(self, name: str, data: bytes) -> None:
+        self._write(name, data, os.replace)
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Create `name` unless it exists (a hard link fails if the name is taken)."""
+        created = True
+
+        def link(tmp, path):
+            nonlocal created
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                created = False
+            os.unlink(tmp)
+        self._write(name, data, link)
+        return created
+
+    def _write(self, name: str, data: bytes, commit) -> None:
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +102,7 @@ class LocalStore(Store):
                     f.flush()
                     os.fsync(f.fileno())
                 faults.point(f"store.{name.split('/')[0]}.tmp")
-                os.replace(tmp, path)
+                commit(tmp, path)
                 faults.point(f"store.{name.split('/')[0]}")
             except BaseException:
                 _unlink_quietly(tmp)
@@ -91,7 +111,7 @@ class LocalStore(Store):
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise RsnapError(f"cannot write {name} to store {self.root}: {e.strerror} (disk full or file size limit)",
                                  EXIT_NOSPACE) from None
-            raise StoreError(f"cannot write {name} to store {self.root}: {e.strerror}") from None
+            raise _error(e)(f"cannot write {name} to store {self.root}: {e.strerror}") from None
 
     def delete(self, name: str) -> None:
         _unlink_quietly(self._path(name))
@@ -140,7 +160,7 @@ class LocalStore(Store):
         try:
             fd = os.open(self.lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StoreError(f"cannot lock store {self.root}: {e.strerror}") from None
+            raise _error(e)(f"cannot lock store {self.root}: {e.strerror}") from None
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
@@ -148,9 +168,13 @@ class LocalStore(Store):
             except BlockingIOError:
                 print(f"rsnap: waiting for the lock on store {self.root}", file=sys.stderr)
                 fcntl.flock(fd, mode)
-            yield
+            yield HeldLock()
         finally:
             os.close(fd)
+
+
+def _error(e: OSError) -> type[StoreError]:
+    return PermanentStoreError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else StoreError
 
 
 def _unlink_quietly(path) -> None:

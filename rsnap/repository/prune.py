@@ -17,11 +17,10 @@ still held just before deleting (docs/design.md, "Remote stores").
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import time
 
 from ..errors import StoreError, FormatError
+from ..store.base import NO_LOCK
 from . import manifest as mf, repo
 
 GRACE_SECONDS = 3600
@@ -38,14 +37,14 @@ def prune(store, keep: int | None = 1, dry_run: bool = False, grace_seconds: flo
           older_than: float | None = None, max_size: int | None = None) -> dict:
     """Holds the store lock exclusively: a save in progress (shared lock) may be about to
     reference packs of the snapshots deleted here."""
-    lock = store.lock(exclusive=True) if hasattr(store, "lock") and not dry_run else contextlib.nullcontext()
+    lock = NO_LOCK if dry_run else store.lock(exclusive=True)
     with lock as held:
         return _prune(store, keep, dry_run, grace_default() if grace_seconds is None else grace_seconds,
                       older_than, max_size, held)
 
 
 def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> dict:
-    now = store.now() if hasattr(store, "now") else time.time()
+    now = store.now()
     stat = {n: (size, mtime) for n, size, mtime in store.stat_all("snapshots/")}
     snaps = []  # (name, key, last use in s, manifest bytes)
     for name, key, created in repo.list_snapshots(store):
@@ -80,12 +79,10 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
         [(n, size) for n, size, mtime in store.stat_all("cache/") if now - mtime > older_than]
     removed = [{"snapshot": s[0], "key": s[1], "bytes": s[3], "reason": doomed[s[0]]} for s in snaps if s[0] in doomed]
     if not dry_run:
-        if hasattr(held, "check"):
-            held.check()        # still ours: no save has called it stale and gone ahead
-        _delete(store, [r["snapshot"] for r in removed])     # manifests first, then packs
-        if hasattr(held, "check"):
-            held.check()
-        _delete(store, [n for n, _s in dead_packs] + [n for n, _s in dead_cache])
+        held.check()        # still ours: no save has called it stale and gone ahead
+        store.delete_many([r["snapshot"] for r in removed])     # manifests first, then packs
+        held.check()
+        store.delete_many([n for n, _s in dead_packs] + [n for n, _s in dead_cache])
     return {"store": store.url, "snapshots_deleted": len(removed), "snapshots_kept": len(snaps) - len(removed),
             "packs_deleted": len(dead_packs), "packs_kept": len(pack_sizes) - len(dead_packs),
             "cache_entries_deleted": len(dead_cache),
@@ -95,10 +92,7 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
 
 def _blob_tables(store, names: list[str]) -> dict[str, dict]:
     """name -> blobs table of each manifest (fetched in parallel from a remote store)."""
-    if hasattr(store, "get_many") and names:
-        raw = store.get_many(names)
-    else:
-        raw = {n: store.get(n) for n in names}
+    raw = store.get_many(names)
     out = {}
     for name in names:
         try:
@@ -106,16 +100,6 @@ def _blob_tables(store, names: list[str]) -> dict[str, dict]:
         except (StoreError, FormatError) as e:
             raise StoreError(f"cannot prune: snapshot {name} is unreadable ({e}); fix or delete it first") from None
     return out
-
-
-def _delete(store, names: list[str]) -> None:
-    if getattr(store, "remote_store", False) and len(names) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(min(getattr(store, "jobs", 8), len(names))) as pool:
-            list(pool.map(store.delete, names))
-    else:
-        for name in names:
-            store.delete(name)
 
 
 def parse_duration(text: str) -> float:

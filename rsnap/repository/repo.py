@@ -5,7 +5,7 @@ Objects:
   snapshots/<key>/<created_ns>-<rand>   zstd JSON manifest (written last, atomically)
 
 A blob is located by its manifest's `blobs` table, so a manifest alone is enough to
-restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.store.chunking).
+restore; a big file may be a list of chunk blobs (manifest `chunks`, rsnap.repository.chunking).
 Saves dedupe against the blob and chunk tables of recent snapshots.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class PackWriter:
         self.store = store
         # a remote store takes several uploads at once (each a round trip or more); a local one
         # gains nothing from more than one writer (each pack is an fsync)
-        self.jobs = min(8, getattr(store, "jobs", 1)) if getattr(store, "remote_store", False) else 1
+        self.jobs = min(8, store.capabilities.connections)
         self.max_in_flight = max(self.MAX_IN_FLIGHT, self.jobs)
         self.buf: list[bytes] = []
         self.pending: list[tuple[str, int, int, int]] = []  # digest, offset, clen, size
@@ -276,11 +276,14 @@ def known_blobs(store, tables: list[tuple[dict, dict]]) -> tuple[dict[str, list]
     return known, known_chunks
 
 
-def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dict, dict]]:
-    """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped)."""
+def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -> list[tuple[dict, dict]]:
+    """The blob and chunk tables of the newest snapshots under key_prefix (unreadable ones skipped).
+    With `near` (the key being saved), the first is the newest snapshot whose key shares the most
+    leading parts with it (the same key, else the same job): with many jobs in one family, the
+    newest snapshots may all be other jobs', which share far fewer files."""
     out = []
-    names = [name for name, _key, _created in list_snapshots(store, key_prefix)[:limit]]
-    if hasattr(store, "get_many") and len(names) > 1:   # a remote store: in parallel
+    names = nearest_first(list_snapshots(store, key_prefix), near)[:limit]
+    if len(names) > 1:   # in parallel on a remote store
         try:
             raw = store.get_many(names)
         except StoreError:
@@ -293,6 +296,24 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2) -> list[tuple[dic
         except (StoreError, FormatError):
             continue
     return out
+
+
+def nearest_first(found: list[tuple[str, str, int]], near: str) -> list[str]:
+    """Snapshot names of `found` (newest first, as list_snapshots gives them), the one whose key
+    shares most leading `-` parts with `near` moved to the front (the newest of those)."""
+    if near and found:
+        closest = max(found, key=lambda s: (_shared_parts(s[1], near), s[2]))
+        found = [closest] + [s for s in found if s is not closest]
+    return [name for name, _key, _created in found]
+
+
+def _shared_parts(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("-"), b.split("-")):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def fetch_packs_parallel(store, pack_ids: list[str], workers: int = 4):

@@ -5,7 +5,7 @@ as [relpath, type, mode, size, mtime_ns, digest]; `digest` is the xxh3-128 of a
 file's content, a symlink's target, or "" for a directory; an "h" entry is a hard
 link whose digest is the path of a file entry of the same root. `blobs` maps each digest
 to its location [pack, offset, compressed_len, size]; `chunks` maps the digest of a big file
-stored in pieces (rsnap.store.chunking) to the digests of its chunks, each a blob. `sources` records the files
+stored in pieces (rsnap.repository.chunking) to the digests of its chunks, each a blob. `sources` records the files
 cargo's freshness checks read: [path, type, size, mtime_ns, digest], path relative
 to the workspace root (absolute when outside it).
 

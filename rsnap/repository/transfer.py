@@ -37,7 +37,7 @@ class _Fetch:
 class RangePrefetcher:
     def __init__(self, store, jobs: int | None = None, budget: int = BUDGET):
         self.store = store
-        self.jobs = jobs or getattr(store, "jobs", 8)
+        self.jobs = jobs or store.capabilities.connections
         self.budget = budget
         self._by_name: dict[str, list[_Fetch]] = {}
         self._starts: dict[str, list[int]] = {}
@@ -144,11 +144,10 @@ def reader(store, ranges):
     directory lacks (whole, in parallel); a remote store behind a RangePrefetcher. Call
     `close(reader)` when done."""
     ranges = list(ranges)
-    if hasattr(store, "fill"):
-        store.fill(sorted({name for name, _s, _e in ranges}))
+    if not store.remote_store or not ranges:
         return store
-    if not getattr(store, "remote_store", False) or not ranges:
-        return store
+    if store.fill(sorted({name for name, _s, _e in ranges})) is not None:
+        return store            # a local tier holds them now
     fetcher = RangePrefetcher(store)
     fetcher.prefetch(ranges)
     return fetcher
