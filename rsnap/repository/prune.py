@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from .. import faults
 from ..errors import StoreError, FormatError
 from ..store.base import NO_LOCK
 from . import manifest as mf, repo
@@ -81,8 +82,10 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
     if not dry_run:
         held.check()        # still ours: no save has called it stale and gone ahead
         store.delete_many([r["snapshot"] for r in removed])     # manifests first, then packs
+        faults.point("prune.manifests")
         held.check()
         store.delete_many([n for n, _s in dead_packs] + [n for n, _s in dead_cache])
+        faults.point("prune.packs")   # everything deleted, the lock still held
     return {"store": store.url, "snapshots_deleted": len(removed), "snapshots_kept": len(snaps) - len(removed),
             "packs_deleted": len(dead_packs), "packs_kept": len(pack_sizes) - len(dead_packs),
             "cache_entries_deleted": len(dead_cache),

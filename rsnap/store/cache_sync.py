@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .. import faults
 from ..errors import StoreError
 from .local import LocalStore
 from .registry import default_store_url, open_store
@@ -47,6 +48,7 @@ def sync_cache_down(store, limit: int | None = None) -> dict:
         with ThreadPoolExecutor(min(remote.capabilities.connections, len(names))) as pool:
             for name, data in zip(names, pool.map(remote.get, names)):
                 local.put(name, data)
+                faults.point("cache_sync.down")
     return {"cache_entries_downloaded": len(names), "cache_bytes_downloaded": sum(s for _n, s in want)}
 
 

@@ -14,6 +14,7 @@ import re
 import time
 from urllib.parse import urlparse
 
+from .. import faults
 from ..errors import NotFoundError, PermanentStoreError, StoreError, TransientStoreError
 from .base import Backend, Capabilities, check_name
 
@@ -148,7 +149,9 @@ class OpenDALBackend(Backend):
 
     def put(self, name: str, data: bytes) -> None:
         kw = {"chunk": MULTIPART_FROM, "concurrent": PART_JOBS} if len(data) >= MULTIPART_FROM else {}
+        faults.point(f"remote.put.{name.split('/')[0]}")   # before the request: nothing sent
         self._call("write", name, self._op.write, check_name(name), bytes(data), **kw)
+        faults.point(f"remote.{name.split('/')[0]}")       # the object is visible
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         if not self.capabilities.conditional_create:
@@ -165,6 +168,7 @@ class OpenDALBackend(Backend):
 
     def delete(self, name: str) -> None:
         self._call("delete", name, self._op.delete, check_name(name))
+        faults.point(f"remote.delete.{name.split('/')[0]}")
 
     def touch(self, name: str) -> None:
         """A no-op: an object store cannot change an object's mtime without rewriting it, and

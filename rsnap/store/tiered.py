@@ -11,6 +11,7 @@ resolve_store_url); rsnap.store.cache_sync moves its cache/ objects.
 """
 from __future__ import annotations
 
+from .. import faults
 from ..errors import StoreError
 from .base import Backend
 from .local import LocalStore
@@ -71,6 +72,7 @@ class TieredStore(Backend):
         return fetched
 
     def _fill(self, name: str, data: bytes) -> None:
+        faults.point("tier.fill")   # fetched from the remote store, not yet local
         try:
             self.local.put(name, data)
         except Exception:  # noqa: BLE001 - a full or read-only cache dir only costs the fill
