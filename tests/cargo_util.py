@@ -52,6 +52,23 @@ CRATE_DIRS = {"ws-core": "crates/core", "ws-util": "crates/util", "ws-macros": "
 BUILD_SCRIPT_PACKAGES = frozenset({"ws-gen", "regsys"})
 INITIAL_REGDEP = "1.0.0"
 
+# Cargo's build-dir layouts x where the build dir sits (rsnap.cargo.target_layout). "new" is the
+# layout cargo 1.100 made the default, built here by cargo 1.95 behind -Zbuild-dir-new-layout.
+NEW_LAYOUT_ENV = {"__CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS": "nightly", "CARGO_UNSTABLE_BUILD_DIR_NEW_LAYOUT": "true"}
+LAYOUTS = ("legacy", "new-outside")          # what the parametrized suites run on
+ALL_LAYOUTS = ("legacy", "legacy-outside", "new", "new-outside")
+
+
+def layout_env(layout: str, root: Path) -> dict[str, str]:
+    """Cargo env for a layout; "-outside": build.build-dir outside the workspace, beside it
+    (`<root>.target`)."""
+    env = dict(NEW_LAYOUT_ENV) if layout.startswith("new") else {}
+    if layout.endswith("-outside"):
+        # as long a path as <root>/target: what cargo writes (dep-info, debuginfo) is the same size
+        env["CARGO_BUILD_BUILD_DIR"] = str(root.parent / f"{root.name}.target")
+    return env
+
+
 _DIRTY = re.compile(r"^\s*Dirty (\S+) v\S+(?: \([^)]*\))?: (.*)$")
 
 
@@ -205,13 +222,19 @@ class Workspace:
     """A materialized fixture workspace: a git worktree at ``root`` with its own
     bare ``origin`` repo (for :meth:`clone_fresh`) and ``cargo_home``."""
 
-    def __init__(self, root: Path, origin: Path, cargo_home: Path):
+    def __init__(self, root: Path, origin: Path, cargo_home: Path, layout: str = "legacy"):
         self.root, self.origin, self.cargo_home = Path(root), Path(origin), Path(cargo_home)
-        self.env = cargo_env(self.cargo_home)
+        self.layout = layout
+        self.env = cargo_env(self.cargo_home, **layout_env(layout, self.root))
 
     @property
     def target(self) -> Path:
         return self.root / "target"
+
+    @property
+    def build_dir(self) -> Path:
+        """Where cargo keeps units: build.build-dir, else the target dir."""
+        return Path(self.env.get("CARGO_BUILD_BUILD_DIR") or self.target)
 
     @property
     def app_path(self) -> Path:
@@ -288,16 +311,19 @@ class Workspace:
         shutil.rmtree(kept, ignore_errors=True)
         if keep_target and self.target.exists():
             self.target.rename(kept)
+        if not keep_target and self.build_dir != self.target:
+            shutil.rmtree(self.build_dir, ignore_errors=True)  # a new runner has no build dir either
         shutil.rmtree(self.root)
         git("clone", "-q", str(self.origin), str(self.root))
         if kept.exists():
             kept.rename(self.target)
 
 
-def create_workspace(root: Path, index_url: str, gitdep_url: str, cargo_home: Path | None = None) -> Workspace:
+def create_workspace(root: Path, index_url: str, gitdep_url: str, cargo_home: Path | None = None,
+                     layout: str = "legacy") -> Workspace:
     """Materialize the template at ``root`` (must not exist). Siblings of ``root``:
-    ``<name>.origin.git`` (bare clone source) and, by default, ``<name>.cargo-home``.
-    Cargo.lock pins regdep to INITIAL_REGDEP."""
+    ``<name>.origin.git`` (bare clone source), by default ``<name>.cargo-home``, and for an
+    "-outside" layout the build dir ``<name>.build-dir``. Cargo.lock pins regdep to INITIAL_REGDEP."""
     root = Path(root).resolve()
     cargo_home = Path(cargo_home or root.parent / f"{root.name}.cargo-home")
     cargohome.make_cargo_home(cargo_home, index_url)
@@ -305,11 +331,11 @@ def create_workspace(root: Path, index_url: str, gitdep_url: str, cargo_home: Pa
     materialize.materialize(root, cargo_home, gitdep_url, regdep_version=INITIAL_REGDEP)
     git("clone", "-q", "--bare", str(root), str(origin))
     git("remote", "add", "origin", str(origin), cwd=root)
-    return Workspace(root, origin, cargo_home)
+    return Workspace(root, origin, cargo_home, layout)
 
 
 __all__ = [
-    "ALL_PACKAGES", "BUILD_SCRIPT_PACKAGES", "BuildResult", "CRATE_DIRS", "GIT_PACKAGES",
+    "ALL_LAYOUTS", "ALL_PACKAGES", "BUILD_SCRIPT_PACKAGES", "LAYOUTS", "layout_env", "BuildResult", "CRATE_DIRS", "GIT_PACKAGES",
     "INITIAL_REGDEP", "REGISTRY_PACKAGES", "Unit", "WORKSPACE_PACKAGES", "Workspace",
     "cargo_env", "clean_build_output", "create_workspace", "mkgitdep", "mkregistry",
     "normalize_output", "package_name", "parse_messages", "run_cargo_json", "source_digest",

@@ -7,7 +7,9 @@ gitdep_repo (session)       Path of the local git repo holding the gitdep crate
 gitdep_url (session)        its file:// URL (what the workspace's Cargo.toml points at)
 cargo_env                   factory: cargo_env(cargo_home, **extra) -> env dict for subprocess
 make_cargo_home             factory: make_cargo_home(path=None) -> Path of a configured CARGO_HOME
-make_workspace              factory: make_workspace(path=None, cargo_home=None, gitdep=None) -> Workspace
+make_workspace              factory: make_workspace(path=None, cargo_home=None, gitdep=None, layout="legacy")
+layout (session, params)    each of cargo_util.LAYOUTS: "legacy" (build dir = target dir) and "new-outside"
+                            (cargo 1.100's layout, build.build-dir outside the workspace)
 built_workspace (session)   a Workspace built once per session (don't mutate; copy from it)
 template_output (session)   clean-build app output of the unedited template, normalized (<ROOT>)
 moto_server, fault_proxy    S3 server and fault proxy (tests/s3_fixtures.py)
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from cargo_util import (Workspace, cargo_env as _cargo_env, create_workspace, mkgitdep,
+from cargo_util import (LAYOUTS, Workspace, cargo_env as _cargo_env, create_workspace, mkgitdep,
                         mkregistry, normalize_output)
 from fixtures.tools import cargohome
 
@@ -102,10 +104,16 @@ def make_workspace(registry, gitdep_url, tmp_path_factory):
     ``cargo_home``: share one CARGO_HOME (default: a new one beside the root).
     ``gitdep``: URL of another gitdep repo (e.g. one the test will commit to)."""
     def make(path: Path | None = None, cargo_home: Path | None = None,
-             gitdep: str | None = None) -> Workspace:
+             gitdep: str | None = None, layout: str = "legacy") -> Workspace:
         path = Path(path) if path else tmp_path_factory.mktemp("ws") / "ws"
-        return create_workspace(path, registry.index_url, gitdep or gitdep_url, cargo_home)
+        return create_workspace(path, registry.index_url, gitdep or gitdep_url, cargo_home, layout)
     return make
+
+
+@pytest.fixture(scope="session", params=LAYOUTS)
+def layout(request) -> str:
+    """A suite taking this runs once per layout in cargo_util.LAYOUTS."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

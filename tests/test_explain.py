@@ -14,8 +14,8 @@ from rsnap_util import cargo_sets, one_line_error, rebuild_sets, rsnap
 
 
 @pytest.fixture(scope="module")
-def saved(registry, gitdep_url, tmp_path_factory):
-    ws = create_workspace(tmp_path_factory.mktemp("explain") / "ws", registry.index_url, gitdep_url)
+def saved(registry, gitdep_url, tmp_path_factory, layout):
+    ws = create_workspace(tmp_path_factory.mktemp("explain") / "ws", registry.index_url, gitdep_url, layout=layout)
     ws.commit("base")
     store = ws.root.parent / "store"
     ws.build().check()

@@ -32,14 +32,15 @@ CHURN_ITERS = int(os.environ.get("RSNAP_GC_CHURN_ITERS") or (10 if os.environ.ge
 def lay(ws, target: Path | None = None) -> cargo_layout.Workspace:
     """The rsnap view of a harness workspace."""
     t = Path(target or ws.target)
-    return cargo_layout.Workspace(root=ws.root, target_dir=t, build_dir=t, cargo_home=ws.cargo_home,
+    b = ws.build_dir if target is None else t
+    return cargo_layout.Workspace(root=ws.root, target_dir=t, build_dir=b, cargo_home=ws.cargo_home,
                                   manifest_path=ws.root / "Cargo.toml")
 
 
-def tree_bytes(path: Path, distinct: bool = False) -> int:
-    """Bytes of the files below path; `distinct`: hard links counted once, as snapshots store them."""
+def tree_bytes(*paths: Path, distinct: bool = False) -> int:
+    """Bytes of the files below the paths; `distinct`: hard links counted once, as snapshots store them."""
     total, seen = 0, set()
-    for dirpath, dirs, files in os.walk(path):
+    for dirpath, dirs, files in (w for p in dict.fromkeys(paths) for w in os.walk(p)):
         if cargo_layout.RSNAP_DIR in dirs:
             dirs.remove(cargo_layout.RSNAP_DIR)
         for fn in files:
@@ -495,6 +496,7 @@ def run_churn(ws, store: Path, iterations: int, with_gc: bool, on_step=None) -> 
     rows = []
     for i, (desc, mutate, commands) in enumerate(steps, 1):
         shutil.rmtree(ws.target, ignore_errors=True)
+        shutil.rmtree(ws.build_dir, ignore_errors=True)
         rsnap_cli(ws, "restore", store=store)
         usage.arm(lay(ws))
         if mutate:
@@ -506,11 +508,11 @@ def run_churn(ws, store: Path, iterations: int, with_gc: bool, on_step=None) -> 
             report = gc.collect(lay(ws))
             for cmd in commands:
                 assert_fresh(ws, *cmd)
-        target_bytes = tree_bytes(ws.target)
+        target_bytes = tree_bytes(ws.target, ws.build_dir)
         saved = rsnap_cli(ws, "save", *no_gc, store=store)
         sizes = snapshot_root_bytes(store, saved["snapshot"])
         row = {"step": i, "desc": desc, "target_bytes": target_bytes, "snapshot_bytes": saved["bytes_total"],
-               "snapshot_target_bytes": sizes.get("target", 0),
+               "snapshot_target_bytes": sizes.get("target", 0) + sizes.get("build", 0),
                "gc_removed_bytes": report["removed"]["bytes"] if report else 0,
                "gc_seconds": report["seconds"] if report else 0.0, "commands": commands}
         rows.append(row)
@@ -520,19 +522,24 @@ def run_churn(ws, store: Path, iterations: int, with_gc: bool, on_step=None) -> 
 
 
 def clean_target_bytes(ws, commands, scratch: Path) -> int:
-    """Size of the target dir of a from-scratch build of the current state."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    env = {**ws.env, "CARGO_TARGET_DIR": str(scratch)}
+    """Size of the target (and build) dir of a from-scratch build of the current state, same layout."""
+    build = scratch.with_name(scratch.name + "-build") if ws.build_dir != ws.target else scratch
+    for d in (scratch, build):
+        shutil.rmtree(d, ignore_errors=True)
+    env = {**ws.env, "CARGO_TARGET_DIR": str(scratch), "CARGO_BUILD_BUILD_DIR": str(build)}
     for cmd in commands:
         run_cargo_json(ws.root, env, *cmd).check()
-    size = tree_bytes(scratch, distinct=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    size = tree_bytes(scratch, build, distinct=True)
+    for d in (scratch, build):
+        shutil.rmtree(d, ignore_errors=True)
     return size
 
 
-def test_churn_snapshot_stays_bounded(make_workspace, tmp_path):
-    iters = max(CHURN_ITERS, 4)
-    ws = make_workspace()
+def test_churn_snapshot_stays_bounded(make_workspace, tmp_path, layout):
+    """On each layout (the new one with build.build-dir outside the workspace: a shorter churn,
+    and the growth without GC shown on the legacy layout only)."""
+    iters = max(CHURN_ITERS if layout == "legacy" else CHURN_ITERS // 2, 4)
+    ws = make_workspace(layout=layout)
     rows = run_churn(ws, tmp_path / "store", iters, with_gc=True)
     final_cmds = rows[-1]["commands"]
     clean = clean_target_bytes(ws, final_cmds, tmp_path / "clean-target")
@@ -543,9 +550,12 @@ def test_churn_snapshot_stays_bounded(make_workspace, tmp_path):
     assert last["snapshot_bytes"] <= 1.2 * clean + (1 << 20), f"clean={clean}\n{table}"
     # the final state restored into an empty target: nothing to compile, correct output
     shutil.rmtree(ws.target)
+    shutil.rmtree(ws.build_dir, ignore_errors=True)
     rsnap_cli(ws, "restore", store=tmp_path / "store")
     assert_fresh(ws, *final_cmds[0])
     assert ws.run_app() == ws.clean_output()
+    if layout != "legacy":
+        return
 
     # without GC the same churn grows the snapshot (fewer steps suffice to show it)
     ws2 = make_workspace()

@@ -22,6 +22,8 @@ from cargo_util import create_workspace
 from rsnap_util import cargo_sets, rebuild_sets, rsnap
 
 EXAMPLES = int(os.environ.get("RSNAP_PROPERTY_EXAMPLES", "12"))
+# the same property on cargo 1.100's layout with build.build-dir outside the workspace: a slice
+NEW_LAYOUT_EXAMPLES = int(os.environ.get("RSNAP_PROPERTY_EXAMPLES_NEW_LAYOUT", str(max(EXAMPLES // 3, 3))))
 
 WORDS = st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "zeta"]), min_size=1, max_size=4)
 TOKEN = st.integers(min_value=1, max_value=6)
@@ -82,20 +84,40 @@ def apply_op(ws, op) -> None:
         ws.cargo("update", "-p", "regdep", "--precise", arg)
 
 
-@pytest.fixture(scope="module")
-def ci_workspace(registry, gitdep_url, tmp_path_factory):
-    ws = create_workspace(tmp_path_factory.mktemp("prop") / "ws", registry.index_url, gitdep_url)
+def _ci_workspace(registry, gitdep_url, tmp_path_factory, layout: str):
+    ws = create_workspace(tmp_path_factory.mktemp("prop") / "ws", registry.index_url, gitdep_url, layout=layout)
     ws.git("tag", "origin-initial")
     ws.git("push", "-q", "origin", "origin-initial")
     ws.unbuilt_snapshots = set()  # saved after building part of the workspace, or nothing
     return ws, ws.root.parent / "store"
 
 
+@pytest.fixture(scope="module")
+def ci_workspace(registry, gitdep_url, tmp_path_factory):
+    return _ci_workspace(registry, gitdep_url, tmp_path_factory, "legacy")
+
+
+@pytest.fixture(scope="module")
+def ci_workspace_new_layout(registry, gitdep_url, tmp_path_factory):
+    return _ci_workspace(registry, gitdep_url, tmp_path_factory, "new-outside")
+
+
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=bool(os.environ.get("CI")),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(steps=st.lists(STEP, min_size=1, max_size=3))
 def test_restored_build_is_never_stale(ci_workspace, steps):
-    ws, store = ci_workspace
+    ci_runs(*ci_workspace, steps)
+
+
+@settings(max_examples=NEW_LAYOUT_EXAMPLES, deadline=None, derandomize=bool(os.environ.get("CI")),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(STEP, min_size=1, max_size=3))
+def test_restored_build_is_never_stale_new_layout_build_dir_outside(ci_workspace_new_layout, steps):
+    ci_runs(*ci_workspace_new_layout, steps)
+
+
+def ci_runs(ws, store, steps) -> None:
+    """Each step one CI run on a cold runner (module docstring); asserts never stale."""
     for ops, edit_after_restore, builds, partial in steps:
         ws.clone_fresh(allow_dirty=True)
         shutil.rmtree(ws.cargo_home / "registry", ignore_errors=True)

@@ -72,6 +72,7 @@ class Scene:
     store: Path
     revs: dict
     t1: Path                                   # target built from c1: a persistent runner's old target
+                                               # (and t1.build: its build dir, if outside)
     restore_points: dict = field(default_factory=dict)
     save_points: collections.Counter | None = None
     n: int = 0
@@ -83,14 +84,15 @@ def _edit_c2(ws) -> None:
     ws.write("crates/gen/data/words.txt", "alpha beta zeta\n")
 
 
-@pytest.fixture(scope="module")
-def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
+def _scene(registry, gitdep_url, tmp_path_factory, layout: str) -> Scene:
     base = tmp_path_factory.mktemp("rel")
-    ws = create_workspace(base / "ws", registry.index_url, gitdep_url)
+    ws = create_workspace(base / "ws", registry.index_url, gitdep_url, layout=layout)
     store = base / "store"
     c1 = ws.head()
     ws.build("build")
     copy_tree(ws.target, base / "t1")
+    if ws.build_dir != ws.target:
+        copy_tree(ws.build_dir, base / "t1.build")
     run_rsnap(ws, store, "save", "--json").check()
     _edit_c2(ws)
     c2 = ws.commit("c2")
@@ -98,6 +100,17 @@ def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
     run_rsnap(ws, store, "save", "--json").check()
     return Scene(ws, base, store, {"c1": c1, "c2": c2}, base / "t1",
                  home_config=(ws.cargo_home / "config.toml").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def scene(registry, gitdep_url, tmp_path_factory) -> Scene:
+    return _scene(registry, gitdep_url, tmp_path_factory, "legacy")
+
+
+@pytest.fixture(scope="module")
+def scene_new_layout(registry, gitdep_url, tmp_path_factory) -> Scene:
+    """The same on cargo 1.100's layout with build.build-dir outside the workspace."""
+    return _scene(registry, gitdep_url, tmp_path_factory, "new-outside")
 
 
 def _cold_home(ws) -> None:
@@ -112,8 +125,11 @@ def _prepare(scene: Scene, rev: str, old_mtimes: bool, persistent: bool, cold_ho
     checkout(ws, scene.revs[rev])
     set_source_mtimes(ws, OLD_MTIME_NS if old_mtimes else None)
     shutil.rmtree(ws.target, ignore_errors=True)
+    shutil.rmtree(ws.build_dir, ignore_errors=True)
     if persistent:
         copy_tree(scene.t1, ws.target)
+        if ws.build_dir != ws.target:
+            copy_tree(scene.t1.with_name("t1.build"), ws.build_dir)
     if cold_home:
         _cold_home(ws)
 
@@ -165,6 +181,17 @@ SHAPE = st.fixed_dictionaries({"rev": st.sampled_from(["c1", "c2"]), "old_mtimes
 @settings(max_examples=CRASH_EXAMPLES, **HYPOTHESIS)
 @given(shape=SHAPE, which=st.integers(0, 10**6), frac=st.floats(0, 1, exclude_max=True), build_first=st.booleans())
 def test_restore_killed_at_any_point_is_never_stale(scene, shape, which, frac, build_first):
+    restore_killed(scene, shape, which, frac, build_first)
+
+
+@settings(max_examples=max(CRASH_EXAMPLES // 3, 2), **HYPOTHESIS)
+@given(shape=SHAPE, which=st.integers(0, 10**6), frac=st.floats(0, 1, exclude_max=True), build_first=st.booleans())
+def test_restore_killed_new_layout_build_dir_outside(scene_new_layout, shape, which, frac, build_first):
+    """A slice of the above on cargo 1.100's layout with the build dir outside the workspace."""
+    restore_killed(scene_new_layout, shape, which, frac, build_first)
+
+
+def restore_killed(scene, shape, which, frac, build_first) -> None:
     """kill -9 of `rsnap restore` at a fault point; then either cargo builds right away, or the next
     rsnap command detects the interrupted restore and repairs it. Both must give a correct program.
 
@@ -667,6 +694,10 @@ def _hostile_store(scene, tmp: Path, mutate) -> Path:
     return store
 
 
+def _any_path(doc, root: str) -> str:
+    return next(e[0] for e in _root(doc, root)["entries"] if e[1] == "f")
+
+
 def _root(doc, name):
     return next(r for r in doc["roots"] if r["name"] == name)
 
@@ -705,6 +736,13 @@ HOSTILE = {
     "hardlink-absolute": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "@OUTSIDE@/keep"]),
     "hardlink-to-dir": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "debug"]),
     "hardlink-to-missing": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "debug/nothing"]),
+    # format 3: a hard link into another root joins only the target and build dirs, to a file of that root
+    "hardlink-across-to-cargo-home": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1,
+                                                                  _any_path(d, "cargo_home"), "cargo_home"]),
+    "hardlink-across-no-such-root": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, _a_file(d)[0], "build"]),
+    "hardlink-across-own-root": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, _a_file(d)[0], "target"]),
+    "hardlink-across-dotdot": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, "../outside/keep", "build"]),
+    "hardlink-across-unknown-root": lambda d: _add(d, "target", ["debug/hl", "h", 0o644, 0, 1, _a_file(d)[0], "/"]),
     "hardlink-as-fingerprint": lambda d: _add(d, "target", ["debug/.fingerprint/x-0123456789abcdef/lib-x", "h",
                                                             0o644, 0, 1, _a_file(d)[0]]),
     "setuid": lambda d: _add(d, "target", ["debug/suid", "f", 0o104755, 3, 1, _a_file(d)[5]]),
@@ -721,6 +759,9 @@ HOSTILE = {
     "source-dotdot": lambda d: d["sources"].append(["../outside/keep", "f", 1, 1, "0" * 32]),
     "source-dir-dotdot": lambda d: d["source_dirs"].append("../outside"),
     "source-dir-not-a-package": lambda d: d["source_dirs"].append("@OUTSIDE@"),
+    # issue 19: a source record naming a file outside the workspace's packages, with a 2020 mtime
+    "source-outside-packages": lambda d: d["sources"].append(["@OUTSIDE@/keep", "f", 7, 1_577_836_800 * 10**9,
+                                                             "0" * 32]),
     "source-bad-mtime": lambda d: d["sources"].append(["Cargo.toml", "f", 1, "soon", "0" * 32]),
     "blob-huge-clen": lambda d: d["blobs"].update({_a_file(d)[5]: [d["blobs"][_a_file(d)[5]][0], 0, 1 << 40,
                                                                    _a_file(d)[3]]}),
@@ -730,7 +771,7 @@ HOSTILE = {
     "created-inf": lambda d: d.update(created_ns=float("inf")),
     "roots-not-list": lambda d: d.update(roots="target"),
 }
-HOSTILE_CODES = {"blob-huge-clen": 3, "source-dir-not-a-package": 0}
+HOSTILE_CODES = {"blob-huge-clen": 3, "source-dir-not-a-package": 0, "source-outside-packages": 0}
 
 
 def _outside_state(scene, source_mtimes: bool = True) -> dict:

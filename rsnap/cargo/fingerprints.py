@@ -1,7 +1,7 @@
 """Reading cargo's fingerprints: the units of a target dir, what each one checks, and its edges.
 
-A unit owns a fingerprint dir, legacy `<profile>/.fingerprint/<pkg>-<hash>/` or v2
-`<profile>/build/<pkg>/<hash>/fingerprint/`, holding per target (checked on cargo 1.95):
+A unit owns a fingerprint dir (where, in either of cargo's layouts: rsnap.cargo.target_layout),
+holding per target (checked on cargo 1.95):
 
 * `<kind>-<target>`: the unit's fingerprint, 16 hex digits (the little-endian bytes of a u64);
 * `<kind>-<target>.json`: what went into it: `rustc`, `features`, `declared_features`, `target`,
@@ -24,13 +24,15 @@ import os
 import re
 import struct
 
+from . import target_layout
+from .target_layout import fingerprint_dir_of
+
 KINDS = ("run-build-script", "build-script", "test-integration-test", "integration-test", "test-lib", "test-bin",
          "test-example", "test-bench", "check-lib", "doc-lib", "doc-bin", "example", "bench", "lib", "bin")
 _NOT_HASH = ("dep-", "output-")
 _REGISTRY_PATH = re.compile(r"/registry/src/[^/]+/(?P<pkg>[^/]+)/")
 _GIT_PATH = re.compile(r"/git/checkouts/(?P<repo>[^/]+)/(?P<rev>[0-9a-f]+)/")
 PACKAGE_ROOT, BUILD_ROOT = 0, 1
-HASHED_NAME = re.compile(r"^(.+)-([0-9a-f]{16})$")   # <pkg>-<unit hash>, <crate>-<unit hash>
 
 
 class Unit:
@@ -83,18 +85,6 @@ def split_kind(name: str) -> tuple[str, str] | None:
     return None
 
 
-def fingerprint_dir_of(rel: str) -> tuple[str, str, str, str] | None:
-    """For a file below a fingerprint dir: (fingerprint dir, package, unit hash, profile dir), both layouts."""
-    parts = rel.split("/")
-    if len(parts) >= 3 and parts[-3] == ".fingerprint":
-        m = HASHED_NAME.match(parts[-2])
-        if m:
-            return "/".join(parts[:-1]), m.group(1), m.group(2), "/".join(parts[:-3])
-    if len(parts) >= 5 and parts[-2] == "fingerprint" and parts[-5] == "build":
-        return "/".join(parts[:-1]), parts[-4], parts[-3], "/".join(parts[:-5])
-    return None
-
-
 def hash_files(tree):
     """(path, fingerprint dir, package, unit hash, profile dir, kind, target) of every unit's hash file."""
     for rel in tree.fingerprint_files():
@@ -127,9 +117,7 @@ def read_units(tree) -> list[Unit]:
 
 def _is_proc_macro(tree, u: Unit) -> bool:
     """cargo names a proc-macro's fingerprint like a lib's; its artifact is a shared object."""
-    base = f"{u.profile_dir}/deps/lib{u.target}-{u.unit_hash}" if u.profile_dir else f"deps/lib{u.target}-{u.unit_hash}"
-    return any(tree.exists(base + ext) for ext in (".so", ".dylib")) or \
-        tree.exists(f"{u.profile_dir}/build/{u.package}/{u.unit_hash}/out/lib{u.target}-{u.unit_hash}.so")
+    return any(tree.exists(p) for p in target_layout.proc_macro_candidates(u.profile_dir, u.package, u.unit_hash, u.target))
 
 
 def decode_depinfo(data: bytes) -> tuple[list[tuple[int, str]], list[tuple[str, str | None]]]:
@@ -222,7 +210,7 @@ class ManifestTree:
     def _file(self, rel: str):
         e = self.entries.get(rel)
         if e is not None and e.type == "h":
-            e = self.entries.get(e.digest)
+            e = self.entries.get(e.digest) if not e.link_root else None
         return e if e is not None and e.type == "f" else None
 
     def mtime(self, rel: str) -> int | None:
@@ -241,11 +229,10 @@ class DiskTree:
 
     def fingerprint_files(self):
         for dirpath, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if d not in ("incremental", "deps", "out", ".rsnap", "examples")]
-            if os.path.basename(dirpath) in (".fingerprint", "fingerprint") or \
-                    os.path.basename(os.path.dirname(dirpath)) == ".fingerprint":
-                rel_dir = os.path.relpath(dirpath, self.root)
-                for fn in files:
+            dirs[:] = [d for d in dirs if not target_layout.skip_when_looking_for_fingerprints(dirpath, d)]
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for fn in files:
+                if fingerprint_dir_of(f"{rel_dir}/{fn}"):
                     yield f"{rel_dir}/{fn}"
 
     def read(self, rel: str) -> bytes | None:

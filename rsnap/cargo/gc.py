@@ -71,7 +71,7 @@ from .gc_cargo_home import collect_cargo_home
 from .gc_fs import LOCK_TIMEOUT_S, Deleter, Report, target_locks
 from .gc_incremental import decide_incremental, match_incremental
 from .gc_units import apply_size_cap, artifact_dirs, decide_units, inventory
-from .usage import profile_dirs
+from .target_layout import profile_dirs
 
 def collect(ws, *, dry_run: bool = False, max_size: int | None = None, cargo_home: bool = True,
             lock_timeout: float = LOCK_TIMEOUT_S) -> dict:

@@ -15,10 +15,8 @@ from .gc_fs import TRASH, Item, item_of, scandir, tree_bytes
 from .gc_incremental import CrateDir, scan_crate_dir
 from .hashes import cargo_hash_str
 from .layout import EXCLUDED_TARGET_NAMES, RSNAP_DIR
-from .usage import profile_dirs
-
-HEX16 = re.compile(r"^[0-9a-f]{16}$")
-HASHED = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
+from .target_layout import (LEGACY, NEW, UNIT_DIRS, hashed_file, is_unit_hash, profile_dirs, split_hashed_name,
+                            unit_dirs)
 # fingerprint hash-file names: [test-|doc-|run-]<kind description>-<target name>
 FP_FILE = re.compile(r"^(?:test-|doc-|run-)?(?:lib|bin|integration-test|build-script|bench|example)-(?P<target>.+)$")
 RUSTC_TEMP = re.compile(r"^(rmeta|rustc)[0-9A-Za-z]{6}$")
@@ -49,7 +47,7 @@ def current_rustc_values(ws) -> dict[int, str]:
 class Unit:
     def __init__(self, profile: Path, hash: str, pkg: str, layout: str, fp_dir: Path):
         self.profile, self.hash, self.pkg = profile, hash, pkg
-        self.layout = layout                  # "v1" | "v2"
+        self.layout = layout                  # target_layout.LEGACY | NEW
         self.fp_dir = fp_dir                  # removed first
         self.members: list[Item] = []         # everything else the hash owns
         self.fp_bytes = 0
@@ -168,38 +166,31 @@ def inventory(roots: list[Path]) -> Inventory:
 def _scan_profile(inv: Inventory, profile: Path, uplift_dirs: list[Path] | None = None) -> None:
     v1: dict[str, Unit] = {}
     v2: dict[str, Unit] = {}
-    # fingerprints: v1
-    for de in scandir(profile / ".fingerprint"):
-        m = HASHED.match(de.name)
-        if m and de.is_dir(follow_symlinks=False):
-            v1[m.group("hash")] = Unit(profile, m.group("hash"), m.group("name"), "v1", Path(de.path))
-    # build/: v1 <pkg>-<hash>/ and v2 <pkg>/<hash>/{fingerprint,out,run}
+    for layout, pkg, h, fp, unit_dir in unit_dirs(profile):
+        if layout == LEGACY:
+            v1[h] = Unit(profile, h, pkg, LEGACY, fp)
+        elif h not in v2:
+            u = v2[h] = Unit(profile, h, pkg, NEW, fp)
+            u.members.extend(item_of(Path(x.path)) for x in scandir(unit_dir) if x.name != "fingerprint")
+            u.members.append(Item(unit_dir, 0, True))   # the unit dir itself, empty by then
+    # build/: legacy <pkg>-<hash>/, new <pkg>/<hash>/ without a fingerprint dir
     for de in scandir(profile / "build"):
         if not de.is_dir(follow_symlinks=False):
             continue
-        m = HASHED.match(de.name)
-        if m:
-            (v1[m.group("hash")].members if m.group("hash") in v1 else inv.orphans).append(item_of(Path(de.path)))
+        named = split_hashed_name(de.name)
+        if named:
+            (v1[named[1]].members if named[1] in v1 else inv.orphans).append(item_of(Path(de.path)))
             continue
         for h in scandir(Path(de.path)):
-            if not (HEX16.match(h.name) and h.is_dir(follow_symlinks=False)):
-                continue
-            unit_dir = Path(h.path)
-            fp = unit_dir / "fingerprint"
-            if not fp.is_dir() or h.name in v2:
-                inv.orphans.append(item_of(unit_dir))
-                continue
-            u = Unit(profile, h.name, de.name, "v2", fp)
-            v2[h.name] = u
-            u.members.extend(item_of(Path(x.path)) for x in scandir(unit_dir) if x.name != "fingerprint")
-            u.members.append(Item(unit_dir, 0, True))   # the unit dir itself, empty by then
+            if h.is_dir(follow_symlinks=False) and h.name not in v2 and is_unit_hash(h.name):
+                inv.orphans.append(item_of(Path(h.path)))
     # deps/, examples/, native/: <name>-<hash>[.ext]
     unhashed_examples, unhashed_deps = [], []
-    for sub in ("deps", "examples", "native"):
+    for sub in UNIT_DIRS:
         for de in scandir(profile / sub):
-            m = HASHED.match(de.name.split(".", 1)[0])
-            if m:
-                (v1[m.group("hash")].members if m.group("hash") in v1 else inv.orphans).append(item_of(Path(de.path)))
+            named = hashed_file(de.name)
+            if named:
+                (v1[named[1]].members if named[1] in v1 else inv.orphans).append(item_of(Path(de.path)))
             elif sub == "deps" and RUSTC_TEMP.match(de.name):
                 inv.working.append(item_of(Path(de.path)))
             elif sub == "examples" and de.is_file(follow_symlinks=False):
@@ -237,7 +228,7 @@ def _scan_profile(inv: Inventory, profile: Path, uplift_dirs: list[Path] | None 
     by_inode, by_stat = {}, {}
     for u in units:
         for it in u.members:
-            if u.layout == "v2":
+            if u.layout == NEW:
                 paths = [Path(x.path) for x in scandir(it.path)] if it.path.name == "out" else []
             else:
                 paths = [it.path]

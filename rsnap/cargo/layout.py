@@ -1,9 +1,7 @@
 """What rsnap knows about cargo: where things are, and which files in them matter.
 
 Everything is discovered the way cargo discovers it (`cargo metadata`, env, config),
-never assumed. Both target layouts are understood:
-  legacy: <profile>/{.fingerprint,deps,build,incremental}/<name>-<hash16>…
-  v2:     <profile>/build/<pkg>/<hash>/{fingerprint,out,run}/…
+never assumed. Where units are inside a build dir (both of cargo's layouts): rsnap.cargo.target_layout.
 """
 from __future__ import annotations
 
@@ -16,7 +14,8 @@ from . import prefetch
 from ..errors import RsnapError, EXIT_WORKSPACE
 
 # Files cargo recreates or uses as locks; never saved, never restored, never deleted.
-EXCLUDED_TARGET_NAMES = {".rustc_info.json", ".rustc-info.json", ".cargo-lock", ".cargo-build-lock"}
+EXCLUDED_TARGET_NAMES = {".rustc_info.json", ".rustc-info.json", ".cargo-lock", ".cargo-build-lock",
+                         ".cargo-artifact-lock"}
 RSNAP_DIR = ".rsnap"  # rsnap's own state inside each root; never part of a snapshot
 
 # Subtrees of $CARGO_HOME that a snapshot carries. registry/src is not: cargo re-extracts
@@ -26,9 +25,6 @@ CARGO_HOME_EXCLUDED_NAMES = {
     "credentials", "credentials.toml", ".package-cache", ".package-cache-mutate",
     ".global-cache", ".crates.toml", ".crates2.json",
 }
-
-_HASH_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
-
 
 class Workspace:
     """Where cargo keeps things for one workspace (a plain class: see rsnap.repository.manifest)."""
@@ -84,6 +80,22 @@ def discover(manifest_path: str | None = None, with_deps: bool = False) -> Works
     return ws
 
 
+def add_outside_path_packages(ws: Workspace) -> None:
+    """Add the path packages outside the workspace (found by the slower, resolving `cargo
+    metadata`) to `ws`, when Cargo.lock says there are any."""
+    if not _has_outside_path_packages(ws.root, [{"name": n} for n in ws.package_dirs_by_name]):
+        return
+    try:
+        meta = run_cargo_metadata(str(ws.manifest_path), no_deps=False)
+    except RsnapError:
+        return  # offline resolution failed: workspace members are enough
+    for pkg in meta["packages"]:
+        d = Path(pkg["manifest_path"]).parent
+        if pkg.get("source") is None and d not in ws.path_package_dirs:
+            ws.path_package_dirs.append(d)
+            ws.package_dirs_by_name.setdefault(pkg["name"], d)
+
+
 def _has_outside_path_packages(root: Path, members: list[dict]) -> bool:
     """Does Cargo.lock list a path package (no `source`) that is not a workspace member?
     Only then is the slower, resolving `cargo metadata` needed to find its directory.
@@ -105,24 +117,6 @@ def _has_outside_path_packages(root: Path, members: list[dict]) -> bool:
 def is_excluded_target_path(rel: str) -> bool:
     parts = rel.split("/")
     return parts[0] == RSNAP_DIR or parts[-1] in EXCLUDED_TARGET_NAMES
-
-
-def is_fingerprint_path(rel: str) -> bool:
-    """Files cargo reads to decide freshness. Restore writes them last."""
-    parts = rel.split("/")
-    if ".fingerprint" in parts:
-        return True
-    # v2 layout: <profile>/build/<pkg>/<hash>/fingerprint/...
-    for i, p in enumerate(parts[:-1]):
-        if p == "fingerprint" and i >= 3 and parts[i - 3] == "build":
-            return True
-    return False
-
-
-def split_hashed_name(name: str) -> tuple[str, str] | None:
-    """'serde-0a1b2c3d4e5f6071' -> ('serde', '0a1b2c3d4e5f6071')."""
-    m = _HASH_SUFFIX.match(name)
-    return (m.group("name"), m.group("hash")) if m else None
 
 
 def is_cargo_home_excluded(rel: str) -> bool:
@@ -152,33 +146,3 @@ _RERUN = re.compile(r"^cargo::?rerun-if-changed=(.*)$")
 
 def rerun_if_changed_paths(output_text: str) -> list[str]:
     return [m.group(1).strip() for line in output_text.splitlines() if (m := _RERUN.match(line.strip()))]
-
-
-def iter_depinfo_files(root: Path):
-    """rustc `.d` files anywhere under a target/build dir."""
-    for dirpath, dirs, files in os.walk(root):
-        if RSNAP_DIR in dirs and Path(dirpath) == root:
-            dirs.remove(RSNAP_DIR)
-        if "incremental" in dirs:
-            dirs.remove("incremental")
-        for fn in files:
-            if fn.endswith(".d"):
-                yield Path(dirpath) / fn
-
-
-def iter_build_script_outputs(root: Path):
-    """(package name, output file) of every build-script run, both layouts."""
-    for dirpath, dirs, files in os.walk(root):
-        if "incremental" in dirs:
-            dirs.remove("incremental")
-        if ".fingerprint" in dirs:
-            dirs.remove(".fingerprint")
-        if "output" not in files:
-            continue
-        d = Path(dirpath)
-        if d.parent.name == "build":                       # legacy build/<pkg>-<hash>/output
-            named = split_hashed_name(d.name)
-            if named:
-                yield named[0], d / "output"
-        elif d.name == "run" and d.parent.parent.parent.name == "build":  # v2 build/<pkg>/<hash>/run/output
-            yield d.parent.parent.name, d / "output"

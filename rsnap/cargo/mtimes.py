@@ -21,7 +21,7 @@ import xxhash
 
 from .. import faults
 from ..digest import hash_file
-from . import layout
+from . import layout, target_layout
 
 _SKIP_DIRS = {".git", ".hg", ".svn", layout.RSNAP_DIR}
 
@@ -97,14 +97,14 @@ def extra_input_paths(ws) -> list[Path]:
     root = str(ws.root)
     found: set[str] = set()
     for tree in {ws.target_dir, ws.build_dir}:
-        for d in layout.iter_depinfo_files(tree):
+        for d in target_layout.depinfo_files(tree):
             try:
                 text = d.read_text(errors="replace")
             except OSError:
                 continue
             for p in layout.parse_makefile_depinfo(text):
                 found.add(os.path.normpath(p if p.startswith("/") else os.path.join(root, p)))
-        for pkg, out in layout.iter_build_script_outputs(tree):
+        for pkg, out in target_layout.build_script_outputs(tree):
             pkg_dir = ws.package_dirs_by_name.get(pkg)
             if pkg_dir is None:
                 continue  # registry/git packages: their inputs live in $CARGO_HOME
@@ -190,18 +190,24 @@ def _record_file(records, path: Path, root: Path) -> None:
     records[name] = [name, "f", st.st_size, st.st_mtime_ns, digest]
 
 
+def find_outside_packages(ws, recorded_dirs: list[str]) -> None:
+    """The snapshot's build read path packages outside the workspace: find them (the resolving
+    `cargo metadata`) before the restore takes cargo's package-cache lock, which that waits for."""
+    if any(not _below_any(str(_resolve(d, ws.root)), [str(t) for t in source_dirs(ws)]) for d in recorded_dirs):
+        layout.add_outside_path_packages(ws)
+
+
 def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact_ns: int,
               links: list[list] = ()) -> RetimeStats:
-    """Set recorded mtimes back on unchanged inputs; push changed/new ones past every artifact."""
+    """Set recorded mtimes back on unchanged inputs; push changed/new ones past every artifact.
+    Only inside the workspace's path packages (a store is not trusted to name files: see _Scope)."""
     stats = RetimeStats()
     bump_ns = max(time.time_ns(), newest_artifact_ns + 1_000_000_000)
     by_name = {s[0]: s for s in sources}
     seen: set[str] = set()
     skip = _skip_dirs(ws)
-    # recorded dirs are package dirs; anything else in a (hostile) manifest is not walked
-    tops = {t for t in (_resolve(d, ws.root) for d in recorded_dirs) if (t / "Cargo.toml").is_file()}
-    tops |= set(source_dirs(ws))
-    for top in sorted(tops):
+    scope = _Scope(source_dirs(ws))
+    for top in source_dirs(ws):  # packages cargo reports, never a dir the manifest names (it may name any)
         if not top.is_dir():
             continue
         for d, _is_dir, entries in _walk_sources(top, skip):
@@ -210,24 +216,51 @@ def normalize(ws, sources: list[list], recorded_dirs: list[str], newest_artifact
                     name = _display(Path(de.path), ws.root)
                     if name not in seen:
                         seen.add(name)
-                        _retime_file(Path(de.path), by_name.get(name), newest_artifact_ns, bump_ns, stats)
+                        _retime_file(Path(de.path), by_name.get(name), newest_artifact_ns, bump_ns, stats, scope)
             name = _display(d, ws.root)
             if name not in seen:
                 seen.add(name)
                 rec = by_name.get(name)
                 matches = rec is not None and rec[1] == "d" and rec[4] == _dir_digest(entries)
-                _retime(d, rec[3] if matches else None, newest_artifact_ns, bump_ns, stats)
+                _retime(d, rec[3] if matches else None, newest_artifact_ns, bump_ns, stats, scope)
     for name, rec in by_name.items():
         if name not in seen and rec[1] == "f":
             path = _resolve(name, ws.root)
             if path.is_file():
-                _retime_file(path, rec, newest_artifact_ns, bump_ns, stats)
-    _push_old_targets(ws.root, links, by_name, newest_artifact_ns, bump_ns, stats)
+                _retime_file(path, rec, newest_artifact_ns, bump_ns, stats, scope)
+    _push_old_targets(ws.root, links, by_name, newest_artifact_ns, bump_ns, stats, scope)
+    scope.report()
     return stats
 
 
+class _Scope:
+    """Which files a restore may re-time. A store is not trusted: whoever can write one could
+    otherwise move the mtime of any file this user can reach (into the past, making another
+    workspace build stale). Inside the path packages (as `cargo metadata` reports them, by real
+    path): everything. Reached by name inside them through a symlink that leads out (the
+    workspace's own link, cargo reads through it): only pushed forward when changed, never set
+    back. Anything else: left alone, said once."""
+
+    def __init__(self, package_dirs: list[Path]):
+        self.names = [str(d) for d in package_dirs]
+        self.real = [os.path.realpath(d) for d in package_dirs]
+        self.ignored: list[str] = []
+
+    def verdict(self, path: Path) -> str | None:
+        """"all" (set back or push forward), "forward" (push forward only), or None (leave alone)."""
+        p = os.path.normpath(str(path))
+        if not _below_any(p, self.names):
+            return None
+        return "all" if _below_any(os.path.realpath(p), self.real) else "forward"
+
+    def report(self) -> None:
+        if self.ignored:
+            sys.stderr.write(f"rsnap: warning: the snapshot names {len(self.ignored)} input(s) outside the "
+                             f"workspace's packages (e.g. {self.ignored[0]}); their mtimes were left alone\n")
+
+
 def _push_old_targets(root: Path, links: list[list], by_name: dict, newest_artifact_ns: int, bump_ns: int,
-                      stats: RetimeStats) -> None:
+                      stats: RetimeStats, scope: "_Scope | None" = None) -> None:
     """Cargo's fingerprints name a symlinked source by the path it resolved to at build time. A
     link that now points elsewhere (or is gone) leaves that old target unchanged and looking
     fresh, though rustc would read other content: push the old target (and, for a linked dir,
@@ -242,10 +275,10 @@ def _push_old_targets(root: Path, links: list[list], by_name: dict, newest_artif
         old, prefix = _resolve(old_real, root), name + "/"
         for p in [old] + [old / n[len(prefix):] for n in by_name if n.startswith(prefix)]:
             if p.is_file():
-                _retime(p, None, newest_artifact_ns, bump_ns, stats)
+                _retime(p, None, newest_artifact_ns, bump_ns, stats, scope)
 
 
-def _retime_file(path: Path, rec, newest_artifact_ns: int, bump_ns: int, stats: RetimeStats) -> None:
+def _retime_file(path: Path, rec, newest_artifact_ns: int, bump_ns: int, stats: RetimeStats, scope=None) -> None:
     target = None
     if rec is not None and rec[1] == "f":
         try:
@@ -253,12 +286,18 @@ def _retime_file(path: Path, rec, newest_artifact_ns: int, bump_ns: int, stats: 
                 target = rec[3]
         except OSError:
             return
-    _retime(path, target, newest_artifact_ns, bump_ns, stats)
+    _retime(path, target, newest_artifact_ns, bump_ns, stats, scope)
 
 
-def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bump_ns: int, stats) -> None:
+def _retime(path: Path, recorded_mtime: int | None, newest_artifact_ns: int, bump_ns: int, stats,
+           scope: _Scope | None = None) -> None:
     try:
         st = path.stat()
+        verdict = scope.verdict(path) if scope is not None else "all"
+        if verdict is None or (verdict == "forward" and recorded_mtime is not None):
+            if verdict is None and st.st_mtime_ns != recorded_mtime:
+                scope.ignored.append(str(path))
+            return  # outside the packages; or unchanged behind a link out: its mtime stays
         inode = (st.st_dev, st.st_ino)
         if recorded_mtime is not None and inode not in stats.changed:
             if st.st_mtime_ns == recorded_mtime:

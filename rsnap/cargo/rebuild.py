@@ -211,9 +211,9 @@ def _metadata_features(ws, s: BuildSettings):
 def unit_version(tree, u: fpr.Unit) -> str | None:
     """Version (registry) or short rev (git) of a non-path unit, from rustc's makefile dep-info."""
     from .layout import parse_makefile_depinfo
+    from .target_layout import makefile_depinfo_candidates
     crate = u.target.replace("-", "_")
-    for rel in (f"{u.profile_dir}/deps/{crate}-{u.unit_hash}.d",
-                f"{u.profile_dir}/build/{u.package}-{u.unit_hash}/{crate}-{u.unit_hash}.d"):
+    for rel in makefile_depinfo_candidates(u.profile_dir, u.package, u.unit_hash, crate):
         data = tree.read(rel)
         if data:
             found = fpr.source_version(parse_makefile_depinfo(data.decode(errors="replace")))

@@ -41,19 +41,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from .layout import RSNAP_DIR
+from .target_layout import profile_dirs, unit_dirs
 
 USAGE_FILE = "usage.json"
 USED_LOG = "used.jsonl"
 RESTORED_INFO = "restored.json"   # written by snapshot.restore
 PROBE_NAME = "atime-probe"
 SLACK_NS = 50_000_000             # coarse kernel clock (a few jiffies) vs time.time_ns()
-HEX16 = re.compile(r"^[0-9a-f]{16}$")
-HASHED = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})$")
 
 
 # ---------------------------------------------------------------- roots
@@ -118,54 +116,11 @@ def probe_atime(directory: Path) -> dict:
 
 # ---------------------------------------------------------------- fingerprint files
 
-# dirs in a target dir that are never a profile dir
-NOT_PROFILE = {RSNAP_DIR, "doc", "package", "tmp", "incremental", "deps", "build", ".fingerprint", "examples"}
-
-
-def profile_dirs(root: Path) -> list[Path]:
-    """`<root>/<profile>` and `<root>/<triple>/<profile>` dirs holding cargo units."""
-    out = []
-    root = Path(root)
-    for d1 in scandir(root):
-        if not d1.is_dir(follow_symlinks=False) or d1.name in NOT_PROFILE:
-            continue
-        p1 = Path(d1.path)
-        if _looks_like_profile(p1):
-            out.append(p1)
-            continue
-        for d2 in scandir(p1):
-            if d2.is_dir(follow_symlinks=False) and d2.name not in NOT_PROFILE and _looks_like_profile(Path(d2.path)):
-                out.append(Path(d2.path))
-    return sorted(out)
-
-
-def _looks_like_profile(p: Path) -> bool:
-    if (p / ".fingerprint").is_dir() or (p / "deps").is_dir() or (p / "incremental").is_dir():
-        return True
-    for pkg in scandir(p / "build"):
-        if HASHED.match(pkg.name):
-            return True
-        for h in scandir(Path(pkg.path)):
-            if HEX16.match(h.name) and (Path(h.path) / "fingerprint").is_dir():
-                return True
-    return False
-
-
 def fingerprint_dirs(root: Path):
     """Every unit fingerprint dir under a target/build root, both layouts."""
     for profile in profile_dirs(root):
-        fp = profile / ".fingerprint"
-        if fp.is_dir():
-            for de in scandir(fp):
-                if de.is_dir(follow_symlinks=False):
-                    yield Path(de.path)
-        build = profile / "build"
-        for pkg in scandir(build):
-            if not pkg.is_dir(follow_symlinks=False) or HASHED.match(pkg.name):
-                continue
-            for h in scandir(Path(pkg.path)):
-                if HEX16.match(h.name) and os.path.isdir(os.path.join(h.path, "fingerprint")):
-                    yield Path(h.path) / "fingerprint"
+        for _layout, _pkg, _hash, fp, _unit_dir in unit_dirs(profile):
+            yield fp
 
 
 def scandir(path: Path):

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from .layout import RSNAP_DIR
-from .usage import HASHED, HEX16, USED_LOG, roots, scandir
+from .target_layout import output_inodes, unit_of_path
+from .usage import USED_LOG, roots
 
 # Subcommands that build and accept --message-format.
 _BUILD_COMMANDS = {"build", "b", "check", "c", "test", "t", "bench", "run", "r", "rustc", "doc", "d",
@@ -222,10 +223,16 @@ class _Recorder:
         profile = path.parent
         if profile.name == "examples":
             profile = profile.parent
-        key = str(profile)
-        if key not in self._inodes:
-            self._inodes[key] = _output_inodes(profile)
-        return self._inodes[key].get((st.st_dev, st.st_ino))
+        # the unit is in the same profile dir of the build dir (the target dir, or build.build-dir)
+        rel = profile.relative_to(self.target) if profile.is_relative_to(self.target) else None
+        for unit_profile in [profile] if rel is None else [r / rel for r in self.roots]:
+            key = str(unit_profile)
+            if key not in self._inodes:
+                self._inodes[key] = output_inodes(unit_profile)
+            h = self._inodes[key].get((st.st_dev, st.st_ino))
+            if h is not None:
+                return key, h
+        return None
 
     def write(self, args, started_ns: int, rc: int) -> None:
         self._resolve()
@@ -236,49 +243,3 @@ class _Recorder:
                "units": sorted([p, h] for p, h in self.units), "unresolved": self.unresolved}
         with open(sd / USED_LOG, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-
-
-def _output_inodes(profile: Path) -> dict:
-    """(dev, ino) -> (profile, hash) for unit outputs of a profile dir (both layouts)."""
-    idx = {}
-    for sub in ("deps", "examples"):
-        for de in scandir(profile / sub):
-            m = HASHED.match(de.name.split(".", 1)[0])
-            if m and de.is_file(follow_symlinks=False):
-                st = de.stat(follow_symlinks=False)
-                idx[(st.st_dev, st.st_ino)] = (str(profile), m.group("hash"))
-    for pkg in scandir(profile / "build"):
-        if HASHED.match(pkg.name) or not pkg.is_dir(follow_symlinks=False):
-            continue
-        for h in scandir(Path(pkg.path)):
-            if HEX16.match(h.name):
-                for de in scandir(Path(h.path) / "out"):
-                    if de.is_file(follow_symlinks=False):
-                        st = de.stat(follow_symlinks=False)
-                        idx[(st.st_dev, st.st_ino)] = (str(profile), h.name)
-    return idx
-
-
-def unit_of_path(path: Path, roots_: list[Path]) -> tuple[str, str] | None:
-    """(profile dir, hash) of a unit output path, or None for uplifted/unknown paths.
-
-    v1: <P>/deps/<name>-<hash>[.ext], <P>/examples/<name>-<hash>[.ext], <P>/build/<pkg>-<hash>/...
-    v2: <P>/build/<pkg>/<hash>/...
-    """
-    path = Path(path)
-    if not any(path.is_relative_to(r) for r in roots_):
-        return None
-    parts = path.parts
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i] == "build" and i + 1 < len(parts) - 1:
-            nxt = parts[i + 1]
-            m = HASHED.match(nxt)
-            if m:
-                return str(Path(*parts[:i])), m.group("hash")
-            if i + 2 < len(parts) and HEX16.match(parts[i + 2]):
-                return str(Path(*parts[:i])), parts[i + 2]
-        if parts[i] in ("deps", "examples") and i == len(parts) - 2:
-            m = HASHED.match(parts[-1].split(".", 1)[0])
-            if m:
-                return str(Path(*parts[:i])), m.group("hash")
-    return None

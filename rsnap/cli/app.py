@@ -155,15 +155,19 @@ def status(
     data = {"key": k, "workspace_root": str(ws.root), "target_dir": str(ws.target_dir),
             "build_dir": str(ws.build_dir), "cargo_home": str(ws.cargo_home),
             "interrupted_restore": restore_interrupted(ws)}
-    files, size = 0, 0
-    for dirpath, _dirs, fns in os.walk(ws.target_dir):
-        for fn in fns:
-            try:
-                size += os.lstat(os.path.join(dirpath, fn)).st_size
-                files += 1
-            except OSError:
-                pass
-    data["target_files"], data["target_bytes"] = files, size
+    for name, top in (("target", ws.target_dir), ("build", ws.build_dir)):
+        if name == "build" and top == ws.target_dir:
+            continue  # the build dir is the target dir
+        files, size = 0, 0
+        for dirpath, dirs, fns in os.walk(top):
+            dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in (str(ws.target_dir), str(ws.build_dir))]
+            for fn in fns:
+                try:
+                    size += os.lstat(os.path.join(dirpath, fn)).st_size
+                    files += 1
+                except OSError:
+                    pass
+        data[f"{name}_files"], data[f"{name}_bytes"] = files, size
     try:
         st, name, kind, found_scope = commands.find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
@@ -239,6 +243,29 @@ def store_prune(store: Optional[str] = StoreOpt,
                  f"({human_bytes(out['bytes_freed'])} freed); kept {out['snapshots_kept']} snapshots "
                  f"({human_bytes(out['bytes_kept'])}){' (dry run)' if dry_run else ''}")
     commands.emit(as_json, out, "\n".join(lines))
+
+
+@store_app.command("check")
+def store_check(store: Optional[str] = StoreOpt,
+                read_data: bool = typer.Option(
+                    False, "--read-data", help="Also read every referenced pack and verify each blob's size and "
+                                               "xxh3, as a restore does (reads the whole store)."),
+                repair: bool = typer.Option(
+                    False, "--repair", help="Drop the damaged snapshots (and damaged packs no other snapshot "
+                                            "uses), under the exclusive store lock; the next save writes the content again."),
+                as_json: bool = JsonOpt, scope: Optional[str] = ScopeOpt):
+    """Find snapshots that reference missing, truncated or (--read-data) corrupt packs, or whose
+    manifest is unreadable (in --scope's namespace).
+
+    Exit codes: 0 no damage (or --repair dropped all of it), 3 damage found (or the store could
+    not be read), 2 bad usage."""
+    from ..errors import EXIT_STORE
+    from ..repository import check
+    st = open_store(store, create=False, scope=scope or "")
+    out = check.check(st, read_data=read_data, repair=repair)
+    commands.emit(as_json, out, check.format_report(out))
+    if out["snapshots_damaged"] and not out["repaired"]:
+        raise typer.Exit(EXIT_STORE)
 
 
 def _iso(ns: int) -> str:

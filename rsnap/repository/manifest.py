@@ -3,7 +3,8 @@
 A manifest lists, per root (target dir, build dir, $CARGO_HOME subset), every entry
 as [relpath, type, mode, size, mtime_ns, digest]; `digest` is the xxh3-128 of a
 file's content, a symlink's target, or "" for a directory; an "h" entry is a hard
-link whose digest is the path of a file entry of the same root. `blobs` maps each digest
+link whose digest is the path of a file entry of the same root, or (format 3) of the root named
+by a seventh element (cargo's uplifts from a separate build dir into the target dir). `blobs` maps each digest
 to its location [pack, offset, compressed_len, size]; `chunks` maps the digest of a big file
 stored in pieces (rsnap.repository.chunking) to the digests of its chunks, each a blob. `sources` records the files
 cargo's freshness checks read: [path, type, size, mtime_ns, digest], path relative
@@ -20,11 +21,12 @@ from typing import NamedTuple
 
 import zstandard
 
-from ..cargo.layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path, is_fingerprint_path
+from ..cargo.layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path
+from ..cargo.target_layout import is_fingerprint_path
 from ..cargo import rustc_info
 from ..errors import FormatError
 
-FORMAT_VERSION = 2  # 2: `chunks` (format 1 manifests are still read)
+FORMAT_VERSION = 3  # 2: `chunks`; 3: hard links across roots (formats 1 and 2 are still read)
 MAX_MANIFEST_BYTES = 2 << 30
 MAX_FILE_SIZE = 1 << 40
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
@@ -43,9 +45,11 @@ class Entry(NamedTuple):
     size: int
     mtime_ns: int
     digest: str  # content hash, link target, or "" for directories
+    link_root: str = ""  # a hard link to a file of another root (format 3): that root's name
 
     def to_list(self):
-        return [self.path, self.type, self.mode, self.size, self.mtime_ns, self.digest]
+        out = [self.path, self.type, self.mode, self.size, self.mtime_ns, self.digest]
+        return out + [self.link_root] if self.link_root else out
 
 
 class Root:
@@ -79,9 +83,15 @@ class Manifest:
         return sum(1 for r in self.roots for e in r.entries if e.type == FILE)
 
 
+def written_format(m: Manifest) -> int:
+    """The lowest format that holds `m`: older rsnap reads what it can."""
+    cross = any(e.link_root for r in m.roots for e in r.entries)
+    return FORMAT_VERSION if cross else min(m.format, 2)
+
+
 def dumps(m: Manifest) -> bytes:
     doc = {
-        "format": m.format, "rsnap_version": m.rsnap_version, "key": m.key,
+        "format": written_format(m), "rsnap_version": m.rsnap_version, "key": m.key,
         "created_ns": m.created_ns, "workspace_root": m.workspace_root,
         "cargo_home": m.cargo_home, "key_inputs": m.key_inputs,
         "roots": [{"name": r.name, "path": r.path, "merge": r.merge,
@@ -174,6 +184,7 @@ def _build(doc: dict) -> Manifest:
         entries = [_entry(e, blobs, chunked_sizes) for e in r["entries"]]
         _check_tree(name, entries)
         roots.append(Root(name=name, path=str(r["path"]), entries=entries, merge=name == "cargo_home"))
+    _check_cross_links(roots)
     sources = doc.get("sources", [])
     _require(isinstance(sources, list), "sources must be a list")
     for s in sources:
@@ -219,7 +230,7 @@ def _check_tree(root: str, entries: list[Entry]) -> None:
             _require(not is_excluded_target_path(e.path), f"{e.path} is never part of a snapshot")
     for e in entries:
         if e.type == HARDLINK:
-            _require(types.get(e.digest) == FILE, f"hard link {e.path} does not point to a file of root {root}")
+            _require(e.link_root or types.get(e.digest) == FILE, f"hard link {e.path} does not point to a file of root {root}")
             # restore links before fingerprints are written: a link must never be one (save never makes one)
             _require(not is_fingerprint_path(e.path) and not e.path.endswith("/.cargo-ok"),
                      f"hard link {e.path} in place of a fingerprint")
@@ -230,6 +241,18 @@ def _check_tree(root: str, entries: list[Entry]) -> None:
             _require(types.get(parent, DIR) == DIR, f"{path} is below a non-directory in root {root}")
 
 
+def _check_cross_links(roots: list[Root]) -> None:
+    """A hard link to another root joins the target dir and a separate build dir, nothing else,
+    and points to a file entry of that root."""
+    files = {r.name: {e.path for e in r.entries if e.type == FILE} for r in roots}
+    for r in roots:
+        for e in r.entries:
+            if e.link_root:
+                _require(e.link_root != r.name and {r.name, e.link_root} == {"target", "build"}
+                         and e.digest in files.get(e.link_root, ()),
+                         f"hard link {e.path} does not point to a file of root {e.link_root}")
+
+
 def _check_source_path(path) -> None:
     """Source records: relative to the workspace root (no `..`), or absolute and normalized."""
     _require(isinstance(path, str) and path and "\x00" not in path, "bad source path")
@@ -238,8 +261,10 @@ def _check_source_path(path) -> None:
 
 
 def _entry(raw, blobs: dict, chunked_sizes: dict[str, int]) -> Entry:
-    _require(isinstance(raw, list) and len(raw) == 6, "bad entry")
-    path, typ, mode, size, mtime_ns, digest = raw
+    _require(isinstance(raw, list) and (len(raw) == 6 or len(raw) == 7 and raw[1] == HARDLINK), "bad entry")
+    path, typ, mode, size, mtime_ns, digest = raw[:6]
+    link_root = raw[6] if len(raw) == 7 else ""
+    _require(link_root in ("", "target", "build"), f"bad hard link root for {path}")
     check_relpath(path)
     _require(typ in (FILE, DIR, LINK, HARDLINK), f"bad entry type {typ!r} for {path}")
     _require(isinstance(mode, int) and 0 <= mode <= 0o7777, f"bad mode for {path}")
@@ -254,8 +279,8 @@ def _entry(raw, blobs: dict, chunked_sizes: dict[str, int]) -> Entry:
     elif typ == LINK:
         check_link_target(path, digest)
     elif typ == HARDLINK:
-        check_relpath(digest)  # the path of a file entry of the same root (checked in _check_tree)
-    return Entry(path, typ, mode & 0o777, size, mtime_ns, digest)
+        check_relpath(digest)  # the path of a file entry of its root (checked in _check_tree / _check_cross_links)
+    return Entry(path, typ, mode & 0o777, size, mtime_ns, digest, link_root)
 
 
 def check_relpath(path) -> None:

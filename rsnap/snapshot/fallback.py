@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..cargo import layout
+from ..cargo import layout, target_layout
 from .roots import RESTORING_MARKER
 
 
@@ -30,7 +30,7 @@ def as_miss(ws) -> int:
                 dirs.remove(".fingerprint")
                 removed += 1
             for fn in files:
-                if layout.is_fingerprint_path(rel_dir + fn):
+                if target_layout.is_fingerprint_path(rel_dir + fn):
                     try:
                         os.unlink(os.path.join(dirpath, fn))
                         removed += 1

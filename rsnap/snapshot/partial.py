@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
-from ..cargo import fingerprints as fpr
+from ..cargo import fingerprints as fpr, target_layout
 from ..cargo.layout import RSNAP_DIR
 from ..repository import manifest as mf
 
 RECORD = "unmaterialized.json"
-_HEX16 = re.compile(r"^[0-9a-f]{16}$")
-_HASHED = re.compile(r"^.+-([0-9a-f]{16})(?:\..*)?$")
 NON_COMPILING = ("run-build-script",)
 
 
@@ -62,17 +59,23 @@ class PlannedTree(fpr.ManifestTree):
 
 
 class Skip:
-    """What this restore leaves out of the target root."""
+    """What this restore leaves out of the root holding cargo's units (`root`), and of the others."""
 
     def __init__(self):
+        self.root = "target"
         self.units: set[tuple[str, str]] = set()    # (profile dir, unit hash)
         self.crate_dirs: set[str] = set()           # <profile>/incremental/<crate>-<id>
-        self.entries: list[mf.Entry] = []           # every entry left out
+        self.entries: list[mf.Entry] = []           # every entry of `root` left out
         self.rewrites: dict[str, mf.Entry] = {}     # entries written differently (split hard-link groups)
+        self.across: dict[str, set[str]] = {}       # other root -> its hard links into what is left out
         self.bytes = 0
 
     def __bool__(self) -> bool:
         return bool(self.units or self.crate_dirs)
+
+    def absent(self) -> dict[str, set[str]]:
+        """root name -> paths this restore leaves out."""
+        return {self.root: {e.path for e in self.entries}, **self.across}
 
     def as_dict(self) -> dict:
         return {"units": len(self.units), "incremental_dirs": len(self.crate_dirs),
@@ -80,40 +83,20 @@ class Skip:
 
 
 def unit_of(rel: str, profiles: set[str]) -> tuple[str, str] | None:
-    """(profile dir, unit hash) of a path a unit owns: its fingerprint dir, `build/<pkg>-<hash>/`,
-    v2 `build/<pkg>/<hash>/`, and `deps/`, `examples/`, `native/` files named `<name>-<hash>[.ext]`."""
-    for profile, parts in _below_profiles(rel, profiles):
-        if len(parts) < 2:
-            continue
-        top, name = parts[0], parts[1]
-        if top == ".fingerprint" or (top == "build" and not _HEX16.match(parts[2] if len(parts) > 2 else "")):
-            m = fpr.HASHED_NAME.match(name)
-            if m:
-                return profile, m.group(2)
-        if top == "build" and len(parts) > 2 and _HEX16.match(parts[2]):
-            return profile, parts[2]
-        if top in ("deps", "examples", "native"):
-            m = _HASHED.match(name)
-            if m:
-                return profile, m.group(1)
+    """(profile dir, unit hash) of a path a unit owns (rsnap.cargo.target_layout.unit_of)."""
+    for profile in profiles:
+        h = target_layout.unit_of(rel, profile)
+        if h is not None:
+            return profile, h
     return None
-
-
-def _below_profiles(rel: str, profiles: set[str]):
-    """(profile dir, path components below it) for each profile dir rel lies in."""
-    for p in profiles:
-        if not p:
-            yield p, rel.split("/")
-        elif rel.startswith(p + "/"):
-            yield p, rel[len(p) + 1:].split("/")
 
 
 def crate_dir_of(rel: str, profiles: set[str]) -> tuple[str, str, str] | None:
     """(crate dir, profile dir, crate name) of a path in `<profile>/incremental/<crate>-<id>/`."""
-    for profile, parts in _below_profiles(rel, profiles):
-        if len(parts) >= 2 and parts[0] == "incremental" and "-" in parts[1]:
-            prefix = f"{profile}/incremental/{parts[1]}" if profile else f"incremental/{parts[1]}"
-            return prefix, profile, parts[1].rsplit("-", 1)[0]
+    for profile in profiles:
+        where = target_layout.incremental_dir_of(rel, profile)
+        if where is not None:
+            return where[0], profile, where[1]
     return None
 
 
@@ -144,6 +127,7 @@ def choose(root_path, root: mf.Root, write: list[mf.Entry], units: list[fpr.Unit
            held: dict[str, str]) -> Skip:
     """What to leave out of `write` (the target root's plan), given the restore's prediction."""
     skip = Skip()
+    skip.root = root.name
     if not units:
         return skip
     profiles = {u.profile_dir for u in units}
@@ -201,6 +185,15 @@ def _left_out_paths(entries: dict[str, mf.Entry], write: list[mf.Entry], skip: S
     return out
 
 
+def follow_links_across(skip: Skip, other_roots: list[mf.Root]) -> None:
+    """Hard links of other roots (the target dir's uplifts) into files left out go with them."""
+    gone = {e.path for e in skip.entries}
+    for r in other_roots:
+        paths = {e.path for e in r.entries if e.type == "h" and e.link_root == skip.root and e.digest in gone}
+        if paths:
+            skip.across[r.name] = paths
+
+
 def _record_form(e: mf.Entry, entries: dict[str, mf.Entry], left_out: set[str]) -> mf.Entry:
     """A left-out hard link whose file is written (or kept) stands on its own in the record."""
     if e.type == "h" and e.digest not in left_out:
@@ -251,11 +244,12 @@ def forget(target_dir) -> None:
         pass
 
 
-def carried_over(target_dir, root_entries: list[mf.Entry]) -> tuple[list[str], list[mf.Entry], dict, dict]:
+def carried_over(target_dir, units_dir, root_entries: list[mf.Entry]) -> tuple[list[str], list[mf.Entry], dict, dict]:
     """For a save: the entries, blob locations and chunk lists of the incremental dirs the last
     restore left out that are still absent (rustc did not recompile those crates) and whose crate
     a unit in the target dir still compiles. Any doubt (unreadable record, an entry in conflict
     with the walk) carries nothing over: the cost is a cold incremental compile, never a wrong one.
+    The record is in the target dir's rsnap state; its dirs are in `units_dir` (the build dir).
     Returns (crate dirs, entries, blobs, chunks)."""
     try:
         with open(record_path(target_dir)) as f:
@@ -265,12 +259,12 @@ def carried_over(target_dir, root_entries: list[mf.Entry]) -> tuple[list[str], l
     except (OSError, ValueError, KeyError, TypeError):
         return [], [], {}, {}
     on_disk = {e.path for e in root_entries}
-    live = _crates_with_units(target_dir)
+    live = _crates_with_units(units_dir)
     keep = set()
     for d in dirs:
         profile = _profile_of_dir(d)
         crate = d.rsplit("/", 1)[-1].rsplit("-", 1)[0]
-        if not os.path.lexists(os.path.join(str(target_dir), d)) and (profile, crate) in live and d not in on_disk:
+        if not os.path.lexists(os.path.join(str(units_dir), d)) and (profile, crate) in live and d not in on_disk:
             keep.add(d)
     try:  # the record is checked like a manifest read from the store: a save must not write a bad one
         blobs, chunks = mf._check_blobs(blobs), mf._check_chunks(chunks, blobs)
@@ -292,8 +286,8 @@ def _under_any(path: str, dirs: set[str]) -> bool:
     return any(path == d or path.startswith(d + "/") for d in dirs)
 
 
-def _crates_with_units(target_dir) -> set[tuple[str, str]]:
-    """(profile dir, crate) of every compiling unit whose hash file is in the target dir now."""
+def _crates_with_units(units_dir) -> set[tuple[str, str]]:
+    """(profile dir, crate) of every compiling unit whose hash file is in the build dir now."""
     return {(profile, target.replace("-", "_"))
-            for _rel, _fp_dir, _pkg, _hash, profile, kind, target in fpr.hash_files(fpr.DiskTree(target_dir))
+            for _rel, _fp_dir, _pkg, _hash, profile, kind, target in fpr.hash_files(fpr.DiskTree(units_dir))
             if kind not in NON_COMPILING}

@@ -24,10 +24,11 @@ KEY_INPUT_NAMES = ("rustc", "target", "cargo_lock", "rust_toolchain", "cargo_con
 
 
 class SnapshotTree(fpr.ManifestTree):
-    """The target root of a snapshot, read from the store (fingerprint files are small)."""
+    """The root of a snapshot holding cargo's units (the build dir), read from the store
+    (fingerprint files are small)."""
 
     def __init__(self, store, m):
-        root = m.root("target")
+        root = m.root("build") or m.root("target")
         super().__init__(root.entries if root else [])
         self.store, self.m = store, m
 
@@ -79,10 +80,10 @@ def _predict(ws, m, inputs: dict, tree, view, settings=None) -> dict:
 
 
 def after_restore(ws, m, inputs: dict, changed_paths, snapshot: str, tree=None, settings=None) -> dict:
-    """Predict for a restore and record what explain needs. `tree`: the target root as the restore
+    """Predict for a restore and record what explain needs. `tree`: the build dir as the restore
     leaves it (rsnap.snapshot.partial.PlannedTree, read before the data files are written), else
-    the target dir on disk. The result keeps the units read (`_units`) for a partial restore."""
-    tree = tree if tree is not None else fpr.DiskTree(ws.target_dir)
+    the build dir on disk. The result keeps the units read (`_units`) for a partial restore."""
+    tree = tree if tree is not None else fpr.DiskTree(ws.build_dir)
     out = _predict(ws, m, inputs, tree, rebuild.RestoredSources(ws, m.sources, changed_paths), settings)
     write_record(ws, {"snapshot": snapshot, "predicted": True, "rebuild": out["rebuild"],
                       "units": {u.hash_rel: rebuild.unit_record(tree, u) for u in out["_units"]}})
@@ -91,7 +92,7 @@ def after_restore(ws, m, inputs: dict, changed_paths, snapshot: str, tree=None, 
 
 def after_miss(ws) -> None:
     """A miss: nothing is predicted, but explain still reports what the build compiled."""
-    tree = fpr.DiskTree(ws.target_dir)
+    tree = fpr.DiskTree(ws.build_dir)
     try:
         units = {u.hash_rel: rebuild.unit_record(tree, u) for u in fpr.read_units(tree)}
     except OSError:
@@ -135,7 +136,7 @@ def explain(ws) -> dict:
     """What cargo rebuilt since the restore, why, and where the prediction was wrong."""
     rec = read_record(ws)
     old = rec["units"]
-    tree = fpr.DiskTree(ws.target_dir)
+    tree = fpr.DiskTree(ws.build_dir)
     units = fpr.read_units(tree)
     by_fp = {u.fingerprint: u for u in units}
     old_by_key: dict[tuple, list[dict]] = {}
@@ -224,12 +225,12 @@ def _why(ws, u: fpr.Unit, o: dict | None, same_unit: bool, tree, by_fp: dict, re
 def _newer_inputs(ws, u: fpr.Unit, ref: int) -> list[dict]:
     """Inputs of the unit (as cargo recorded them now) newer than its dep-info/output as restored."""
     view = rebuild.RestoredSources(ws, [], ())
-    p = rebuild.Predictor(ws, [u], fpr.DiskTree(ws.target_dir), view, rebuild.BuildSettings())
+    p = rebuild.Predictor(ws, [u], fpr.DiskTree(ws.build_dir), view, rebuild.BuildSettings())
 
     class _AtRestore(fpr.DiskTree):  # the reference mtimes as they were at restore
         def mtime(self, rel):
             return ref if super().mtime(rel) is not None else None
-    p.tree = _AtRestore(ws.target_dir)
+    p.tree = _AtRestore(ws.build_dir)
     files = p.changed_inputs(u) or []
     for f in files:
         if f["change"] == "newer":

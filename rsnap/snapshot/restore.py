@@ -10,6 +10,7 @@ file is written to a temp name and renamed. Save and restore hold cargo's own lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .. import faults, timings
-from ..cargo import layout, mtimes, rustc_info
+from ..cargo import layout, mtimes, rustc_info, target_layout
 from ..errors import RsnapError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..repository import manifest as mf, repo
 from . import clock, partial, scan, settled
-from .plan import RestorePlan, merge_subtrees, plan_root, settled_plan
-from .roots import RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs
+from .plan import RestorePlan, merge_subtrees, plan_root, relink_across, settled_plan
+from .roots import (RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs,
+                    units_root_of)
 
 RESTORED_INFO = "restored.json"
 
@@ -43,6 +45,7 @@ def restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | None
     """Hold cargo's locks (build dirs, package cache) for the whole restore, planning included.
     `predict_with(tree, changed_paths)`: the rebuild prediction (rsnap.snapshot.predict), made
     before the data files are written; with it, a partial restore (rsnap.snapshot.partial)."""
+    mtimes.find_outside_packages(ws, m.source_dirs)
     locks = cargo_lock_files(ws, m) + [ws.cargo_home / ".package-cache", ws.cargo_home / ".package-cache-mutate"]
     with cargo_locks(locks, exclusive=True):
         return _restore(ws, store, snapshot_name, m, progress, predict_with)
@@ -59,6 +62,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
     # cargo's rustc query cache (not an entry; cargo checks it): before the roots are compared
     rustc_info.put_back(paths, m.rustc_info)
     unchanged = settled.settled_roots(ws, snapshot_name, m, paths)
+    others = {r.name: (paths[r.name], {e.path: e for e in r.entries if e.type == "f"}) for r in m.roots if not r.merge}
     for root in m.roots:
         path = root_path(ws, root.name)
         spec = specs.get(root.name)
@@ -67,7 +71,8 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             continue
         subtrees = merge_subtrees(root) if root.merge else [""]
         exclude = spec.exclude if spec else layout.is_excluded_target_path
-        plans.append(plan_root(path, root, subtrees, exclude))
+        plans.append(plan_root(path, root, subtrees, exclude, others))
+    relink_across(plans)
     timings.mark("plan")
     newest = clock.newest_artifact_ns(m)
     markers = [p.spec_path / layout.RSNAP_DIR / RESTORING_MARKER for p in plans if not p.root.merge]
@@ -100,7 +105,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             held_back += _write_files(store, m, plans, stats, bar, first=False)
             timings.mark("write")
             for plan in plans:
-                _write_links_and_meta(plan, stats)
+                _write_links_and_meta(plan, stats, paths)
             timings.mark("links_meta")
             _put_in_place(held_back, plans)
         except BaseException:
@@ -112,7 +117,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         rustc_info.put_back(paths, m.rustc_info)  # into a root this restore made
         bar.finish()
         timings.mark("fingerprints_dirs")
-        if "target" not in unchanged:  # a settled target keeps its record (it left out the same)
+        if units_root_of(m) not in unchanged:  # a settled root keeps its record (it left out the same)
             partial.write_record(ws.target_dir, snapshot_name, m, skip)  # or forgets an older one
         for plan in plans:
             if not plan.root.merge:
@@ -121,13 +126,12 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         rearmed: list = []
         arm_usage(ws, rearmed)  # before the stat cache is written: arming changes fingerprint files' ctimes
         timings.mark("arm")
-        caches = {plan.root.name: _remember_restored(plan) for plan in plans if not plan.settled}
+        caches = {plan.root.name: _remember_restored(plan, others) for plan in plans if not plan.settled}
         _after_rearm([p for p in plans if p.settled], rearmed)
         timings.mark("stat_cache")
         if caches or rearmed:
             settled.retimed(unchanged, rearmed)
-            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged,
-                           absent={"target": {e.path for e in skip.entries}})
+            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged, absent=skip.absent())
         timings.mark("settled")
         faults.point("restore.done")
         for marker in markers:
@@ -164,14 +168,15 @@ def _clear_the_way(plan: RestorePlan, stats: RestoreStats) -> None:
         faults.point("restore.remove")
 
 
-def _write_links_and_meta(plan: RestorePlan, stats: RestoreStats) -> None:
-    """After the data files: hard links (to files now in place), symlinks, and the mode and
-    mtime of files that were kept."""
+def _write_links_and_meta(plan: RestorePlan, stats: RestoreStats, paths: dict[str, Path]) -> None:
+    """After the data files (of every root): hard links (to files now in place, maybe in another
+    root), symlinks, and the mode and mtime of files that were kept."""
     root = plan.spec_path
     trusted = _trusted_depth(plan)
     for e in plan.write:
         if e.type == "h":
-            _link_atomic(root / e.digest, _inside(root, e.path, trusted))
+            first = paths[e.link_root] / e.digest if e.link_root else root / e.digest
+            _link_atomic(first, _inside(root, e.path, trusted))
             stats.files_written += 1
             faults.point("restore.link")
         elif e.type == "l":
@@ -216,7 +221,7 @@ def _set_meta(path: Path, e: mf.Entry, have: scan.Found) -> None:
 def _written_last(rel: str) -> bool:
     """Files that vouch for others: cargo fingerprints, and the `.cargo-ok` cargo trusts a git
     checkout by. They are removed first when they change and put in place after everything else."""
-    return layout.is_fingerprint_path(rel) or rel.endswith("/.cargo-ok")
+    return target_layout.is_fingerprint_path(rel) or rel.endswith("/.cargo-ok")
 
 
 def _trusted_depth(plan: RestorePlan) -> int:
@@ -304,7 +309,7 @@ FILE_COST = 256 << 10   # ...this much per file: creating a file costs about as 
 def _written_first(rel: str) -> bool:
     """What the rebuild prediction reads (before the other data files are written): the files
     written last, and rustc's makefile dep-info of each unit (a registry unit's version)."""
-    return _written_last(rel) or (rel.endswith(".d") and ("/deps/" in rel or "/build/" in rel))
+    return _written_last(rel) or target_layout.is_makefile_depinfo(rel)
 
 
 def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar, first: bool) -> list[_File]:
@@ -359,10 +364,11 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
 
 def _predict_and_skip(store, m: mf.Manifest, plans: list[RestorePlan], held_back: list[_File],
                       retime, predict_with) -> tuple[dict | None, partial.Skip]:
-    """The rebuild prediction, from the target root as it will be (fingerprint files written under
-    temp names, sources normalized), and what the data writes may leave out (rsnap.snapshot.partial)."""
+    """The rebuild prediction, from the root holding cargo's units as it will be (fingerprint files
+    written under temp names, sources normalized), and what the data writes may leave out
+    (rsnap.snapshot.partial)."""
     skip = partial.Skip()
-    plan = next((p for p in plans if p.root.name == "target"), None)
+    plan = next((p for p in plans if p.root.name == units_root_of(m)), None)
     if predict_with is None or plan is None:
         return None, skip
     held = {f.entry.path: _temp_name(f.dest) for f in held_back if f.root == str(plan.spec_path)}
@@ -372,32 +378,39 @@ def _predict_and_skip(store, m: mf.Manifest, plans: list[RestorePlan], held_back
     if units and prediction.get("rebuild") is not None and not plan.settled and partial.enabled():
         try:
             skip = partial.choose(plan.spec_path, plan.root, plan.write, units, prediction["rebuild"], held)
+            partial.follow_links_across(skip, [p.root for p in plans if p is not plan])
         except Exception as e:  # noqa: BLE001 - a bug here must cost bytes written, not the restore
             if os.environ.get("RSNAP_DEBUG"):
                 raise
+            skip = partial.Skip()
             prediction.setdefault("notes", []).append(f"partial restore skipped: {type(e).__name__}: {e}")
     return prediction, skip
 
 
 def _leave_out(skip: partial.Skip, plans: list[RestorePlan], held_back: list[_File], bar) -> list[_File]:
-    """Drop what the partial restore leaves out from the target plan (its fingerprint files,
-    already written under temp names, are deleted: those units keep no fingerprint)."""
+    """Drop what the partial restore leaves out from the plans (its fingerprint files, already
+    written under temp names, are deleted: those units keep no fingerprint)."""
     if not skip:
         return held_back
-    gone = {e.path for e in skip.entries}
-    plan = next(p for p in plans if p.root.name == "target")
-    plan.write = [skip.rewrites.get(e.path, e) for e in plan.write if e.path not in gone]
-    target = str(plan.spec_path)
-    for rel in gone:
-        if _written_first(rel) and not _written_last(rel):
-            _remove_path(plan.spec_path / rel)  # a left-out unit's dep-info, read by the prediction
-    kept = []
-    for f in held_back:
-        if f.root == target and f.entry.path in gone:
-            with contextlib.suppress(OSError):
-                os.unlink(_temp_name(f.dest))
-        else:
-            kept.append(f)
+    kept = held_back
+    for plan in plans:
+        gone = skip.absent().get(plan.root.name)
+        if not gone:
+            continue
+        plan.write = [skip.rewrites.get(e.path, e) if plan.root.name == skip.root else e
+                      for e in plan.write if e.path not in gone]
+        root = str(plan.spec_path)
+        for rel in gone:
+            if _written_first(rel) and not _written_last(rel):
+                _remove_path(plan.spec_path / rel)  # a left-out unit's dep-info, read by the prediction
+        still = []
+        for f in kept:
+            if f.root == root and f.entry.path in gone:
+                with contextlib.suppress(OSError):
+                    os.unlink(_temp_name(f.dest))
+            else:
+                still.append(f)
+        kept = still
     bar.total -= skip.bytes
     return kept
 
@@ -511,7 +524,13 @@ def _link_atomic(first: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.rsnap-tmp"
     _remove_path(tmp)
-    os.link(first, tmp, follow_symlinks=False)
+    try:
+        os.link(first, tmp, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        import shutil  # the target and build dirs on two filesystems: a copy, as cargo makes then
+        shutil.copy2(first, tmp, follow_symlinks=False)
     try:
         os.replace(tmp, dest)
     except BaseException:
@@ -531,15 +550,20 @@ def _after_rearm(plans: list[RestorePlan], rearmed: list) -> None:
             cache.save()
 
 
-def _remember_restored(plan: RestorePlan) -> scan.StatCache:
-    """Record restored files in the stat cache so the next save need not re-hash them."""
+def _remember_restored(plan: RestorePlan, others: dict) -> scan.StatCache:
+    """Record restored files in the stat cache so the next save need not re-hash them.
+    `others`: root name -> (path, file entries by path), for hard links into another root."""
     cache = scan.StatCache(plan.spec_path)
     if plan.root.merge:
         cache.load()
     digests = {e.path: e.digest for e in plan.root.entries if e.type == "f"}
     root = str(plan.spec_path)
     for e in plan.root.entries:
-        digest = digests.get(e.digest) if e.type == "h" else digests.get(e.path)
+        if e.type == "h" and e.link_root:
+            first = others.get(e.link_root, (None, {}))[1].get(e.digest)
+            digest = first.digest if first is not None else None
+        else:
+            digest = digests.get(e.digest) if e.type == "h" else digests.get(e.path)
         if digest is not None:
             try:
                 cache.remember_path(e.path, f"{root}/{e.path}", digest)

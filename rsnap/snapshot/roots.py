@@ -43,15 +43,34 @@ class RootSpec(NamedTuple):  # NamedTuples and plain classes, not dataclasses: s
 
 def root_specs(ws, home_excluded: frozenset[str] = frozenset()) -> list[RootSpec]:
     """`home_excluded`: $CARGO_HOME paths (and everything below them) kept out of the snapshot."""
-    specs = [RootSpec("target", ws.target_dir, [""], layout.is_excluded_target_path, False)]
-    if ws.build_dir != ws.target_dir and not ws.build_dir.is_relative_to(ws.target_dir):
-        specs.append(RootSpec("build", ws.build_dir, [""], layout.is_excluded_target_path, False))
+    specs = [RootSpec("target", ws.target_dir, [""], _excluding(ws.build_dir, ws.target_dir), False)]
+    if units_root(ws) == "build":  # build.build-dir set apart (anywhere, even inside the target dir)
+        specs.append(RootSpec("build", ws.build_dir, [""], _excluding(ws.target_dir, ws.build_dir), False))
 
     def home_exclude(rel: str) -> bool:
         return layout.is_cargo_home_excluded(rel) or rel in home_excluded
 
     specs.append(RootSpec("cargo_home", ws.cargo_home, list(layout.CARGO_HOME_TREES), home_exclude, True))
     return specs
+
+
+def units_root(ws) -> str:
+    """The root holding cargo's units: the build dir, "build" when it is not the target dir."""
+    return "build" if ws.build_dir != ws.target_dir else "target"
+
+
+def units_root_of(m: mf.Manifest) -> str:
+    """The root of a snapshot that holds cargo's units."""
+    return "build" if m.root("build") is not None else "target"
+
+
+def _excluding(other: Path, root: Path) -> Callable[[str], bool]:
+    """What a target/build root leaves out: what no snapshot holds, and the other of the two
+    dirs when it lies inside this one (it is a root of its own)."""
+    if other == root or not other.is_relative_to(root):
+        return layout.is_excluded_target_path
+    inner = other.relative_to(root).as_posix()
+    return lambda rel: layout.is_excluded_target_path(rel) or rel == inner or rel.startswith(inner + "/")
 
 
 def root_path(ws, name: str) -> Path:

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import __version__, faults, timings
-from ..cargo import layout, mtimes, rustc_info
+from ..cargo import mtimes, rustc_info, target_layout
 from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..repository import chunking, manifest as mf, repo
 from . import partial, scan, settled
-from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs
+from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs, units_root
 
 class SaveStats:
     def __init__(self):
@@ -58,14 +58,19 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
                 # every root is walked and queued first, and sources are recorded while the
                 # workers hash and compress; results are then collected root by root
                 claims, jobs = _Claims(), []
-                for spec in root_specs(ws, home_excluded):
-                    if spec.path.is_dir():
-                        caches.append(scan.StatCache(spec.path).load())
-                        jobs.append(_start_root(spec, caches[-1], pool, seen, claims))
+                specs = [spec for spec in root_specs(ws, home_excluded) if spec.path.is_dir()]
+                walked = {spec.name: list(scan.walk(spec.path, spec.subtrees, spec.exclude)) for spec in specs}
+                links = _split_hard_links(walked, units_root(ws))
+                for spec in specs:
+                    caches.append(scan.StatCache(spec.path).load())
+                    jobs.append(_start_root(spec, caches[-1], pool, seen, claims, walked[spec.name], *links[spec.name]))
                 sources, source_dirs, source_links = mtimes.record_sources(ws)
                 timings.mark("walk_sources")
-                for job in jobs:
-                    roots.append(_finish_root(job, seen, writer, claims, stats, bar))
+                digests: dict[str, dict[str, str]] = {}
+                finished = {}  # the units root first: the other roots' hard links point into it
+                for job in sorted(jobs, key=lambda j: j.spec.name != units_root(ws)):
+                    finished[job.spec.name] = _finish_root(job, seen, writer, claims, stats, bar, digests)
+                roots.extend(finished[job.spec.name] for job in jobs)
                 writer.ship()
                 timings.mark("hash_compress")  # the last pack is written (and fsynced) while the manifest is made
             for digest in list(blobs):
@@ -96,7 +101,7 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
         m.raw_digest = settled.manifest_digest(data)
         settled.record(ws, name, m, {s.name: s for s in root_specs(ws, home_excluded)},
                        {job.spec.name: job.cache for job in jobs}, found={job.spec.name: job.found for job in jobs},
-                       absent={"target": set(carried.pop("paths"))})
+                       absent={units_root(ws): set(carried.pop("paths"))})
         timings.mark("settled")
     stats.bytes_written += writer.bytes_written
     stats.packs_written = writer.packs_written
@@ -107,10 +112,10 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
 def _carry_over(ws, store, roots: list[mf.Root], blobs: dict, chunks: dict) -> dict:
     """Incremental dirs the last (partial) restore left out and nobody recreated since go into
     this snapshot as they were (rsnap.snapshot.partial), if their packs are still in the store."""
-    target = next((r for r in roots if r.name == "target"), None)
+    target = next((r for r in roots if r.name == units_root(ws)), None)
     if target is None:
         return {"dirs": 0, "files": 0, "bytes": 0, "paths": []}
-    dirs, entries, more_blobs, more_chunks = partial.carried_over(ws.target_dir, target.entries)
+    dirs, entries, more_blobs, more_chunks = partial.carried_over(ws.target_dir, ws.build_dir, target.entries)
     packs = sorted({loc[0] for loc in more_blobs.values()})
     if not entries or store.missing([repo.pack_name(p) for p in packs]):
         return {"dirs": 0, "files": 0, "bytes": 0, "paths": []}
@@ -169,7 +174,7 @@ class _RootJob(NamedTuple):
     cache: scan.StatCache
     found: list[scan.Found]
     files: list[scan.Found]
-    hard_links: dict[str, str]
+    hard_links: dict[str, tuple[str, str]]
     quick: dict[str, str]
     pending: dict
 
@@ -212,9 +217,9 @@ class _Seen:
                 self.blobs[part] = self.known[part]
 
 
-def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims: _Claims) -> _RootJob:
-    """Walk a root and queue its new or changed files on the pool (hash, and compress if new)."""
-    found = list(scan.walk(spec.path, spec.subtrees, spec.exclude))
+def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims: _Claims, found: list[scan.Found],
+                files: list[scan.Found], hard_links: dict[str, tuple[str, str]]) -> _RootJob:
+    """Queue a walked root's new or changed files on the pool (hash, and compress if new)."""
 
     def digest_of(f: scan.Found):
         """Runs in a worker: (digest, content, hashed). content: None when the store has it or
@@ -228,7 +233,6 @@ def _start_root(spec: RootSpec, cache: scan.StatCache, pool, seen: _Seen, claims
             return digest, None, True
         return digest, _stored_form(data, digest, f.rel, seen, claims), True
 
-    files, hard_links = _split_hard_links(found)
     # unchanged files whose content the store has need no worker (most of a save after a small change)
     cached = [cache.digest_for(f) for f in files]
     quick = {f.rel: d for f, d in zip(files, cached) if d is not None and seen.in_store(d)}
@@ -247,14 +251,16 @@ def _chunk(data: bytes, seen: _Seen, claims: _Claims) -> list[tuple[str, bytes |
     return [(d, compressed.get(i), len(parts[i])) for i, d in enumerate(digests)]
 
 
-def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: SaveStats, bar) -> mf.Root:
+def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: SaveStats, bar,
+                 stored: dict[str, dict[str, str]]) -> mf.Root:
     """Collect a root's results as workers finish them (so packs fill and are written while
-    the rest is compressed), then build the manifest entries in walk order."""
+    the rest is compressed), then build the manifest entries in walk order. `stored`: root name
+    -> {path: digest} of the roots finished so far (this one is added)."""
     spec, cache = job.spec, job.cache
     root = mf.Root(name=spec.name, path=str(spec.path), merge=spec.merge)
     results = itertools.chain(((f, (job.quick[f.rel], None, False)) for f in job.files if f.rel in job.quick),
                               _as_done(job))
-    digests: dict[str, str] = {}
+    digests: dict[str, str] = stored.setdefault(spec.name, {})
     for f, (digest, content, hashed) in results:
         if digest is None:
             continue  # vanished or unreadable during the walk: not part of this snapshot
@@ -281,8 +287,10 @@ def _finish_root(job: _RootJob, seen: _Seen, writer, claims: _Claims, stats: Sav
         faults.point("save.file")
     for f in job.found:
         if f.type == "f" and f.rel in job.hard_links:
-            if job.hard_links[f.rel] in digests:
-                root.entries.append(mf.Entry(f.rel, "h", f.mode, f.size, f.mtime_ns, job.hard_links[f.rel]))
+            other, first = job.hard_links[f.rel]
+            if first in stored.get(other, ()):
+                root.entries.append(mf.Entry(f.rel, "h", f.mode, f.size, f.mtime_ns, first,
+                                             other if other != spec.name else ""))
         elif f.type == "f":
             if f.rel in digests:
                 root.entries.append(mf.Entry(f.rel, "f", f.mode, f.size, f.mtime_ns, digests[f.rel]))
@@ -337,24 +345,31 @@ def _add_blob(digest: str, compressed: bytes, size: int, seen: _Seen, writer, st
     stats.bytes_new += size
 
 
-def _split_hard_links(found: list[scan.Found]) -> tuple[list[scan.Found], dict[str, str]]:
-    """Files to read, and {path: first path} for the other names of multiply-linked files.
+def _split_hard_links(walked: dict[str, list[scan.Found]], units: str) -> dict[str, tuple[list, dict]]:
+    """Per root: the files to read, and {path: (root, first path)} for the other names of
+    multiply-linked files. The first name is taken in the root holding cargo's units (`units`),
+    so the target dir's uplifts link into a separate build dir, never the other way round.
 
     Cargo hard-links uplifted artifacts; keeping the links halves what restore writes
     and keeps the next build from re-linking (which would defeat the stat cache).
     """
-    first_by_inode: dict[int, str] = {}
-    files, links = [], {}
-    for f in found:
-        if f.type != "f":
-            continue
-        if f.nlink > 1 and not layout.is_fingerprint_path(f.rel):
-            first = first_by_inode.setdefault(f.ino, f.rel)
-            if first != f.rel:
-                links[f.rel] = first
+    first_by_inode: dict[tuple, tuple[str, str]] = {}
+    out: dict[str, tuple[list, dict]] = {}
+    for name in sorted(walked, key=lambda n: n != units):
+        files, links = [], {}
+        for f in walked[name]:
+            if f.type != "f":
                 continue
-        files.append(f)
-    return files, links
+            if f.nlink > 1 and not target_layout.is_fingerprint_path(f.rel):
+                # across roots only between the target and build dirs ($CARGO_HOME is a merge root)
+                scope = name if name == "cargo_home" else ""
+                first = first_by_inode.setdefault((f.dev, f.ino, scope), (name, f.rel))
+                if first != (name, f.rel):
+                    links[f.rel] = first
+                    continue
+            files.append(f)
+        out[name] = (files, links)
+    return out
 
 
 def _guard(fn):

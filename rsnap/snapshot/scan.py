@@ -32,6 +32,7 @@ class Found(NamedTuple):  # not a dataclass: see rsnap.repository.manifest
     ctime_ns: int
     link: str = ""
     nlink: int = 1
+    dev: int = 0
 
     def stat_key(self):
         return [self.size, self.mtime_ns, self.ino, self.ctime_ns]
@@ -68,7 +69,7 @@ def _walk_dir(path: Path, rel_prefix: str, exclude):
             yield from _walk_dir(Path(de.path), rel, exclude)
         elif stat.S_ISREG(st.st_mode):
             yield Found(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
-                        nlink=st.st_nlink)
+                        nlink=st.st_nlink, dev=st.st_dev)
         # sockets, fifos and devices are never part of a snapshot
 
 

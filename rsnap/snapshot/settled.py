@@ -178,13 +178,14 @@ def record(ws, name: str, m: mf.Manifest, specs: dict, caches: dict[str, scan.St
             roots[root.name] = keep[root.name]
         elif spec is not None and root.name in caches:
             rec = _record_root(spec, root, caches[root.name], (found or {}).get(root.name),
-                               (absent or {}).get(root.name, set()))
+                               (absent or {}).get(root.name, set()), {n: sp.path for n, sp in specs.items()})
             if rec is not None:
                 roots[root.name] = rec
     _write(ws, {"version": _VERSION, "rsnap": __version__, "snapshot": name, "manifest": digest, "roots": roots})
 
 
-def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None, absent: set[str]) -> dict | None:
+def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None, absent: set[str],
+                 paths: dict) -> dict | None:
     """The expected stat of every path of a root that is verifiably as the manifest says, or None.
     A file's expected stat is its stat cache record, which maps exactly that stat to the manifest's
     digest (the cache's own trust rule); if the file changed since, its stat differs and the next
@@ -223,7 +224,13 @@ def _record_root(spec, root: mf.Root, cache: scan.StatCache, found: list | None,
                 return None
             stats[e.path] = [stat.S_IFREG | f.mode, rec[0], rec[1], rec[2], rec[3], dev]
             continue
-        if e.type == mf.HARDLINK:
+        if e.type == mf.HARDLINK and e.link_root:  # into another root (the build dir)
+            try:
+                st = os.lstat(f"{paths[e.link_root]}/{e.digest}")
+                ok = f.type == "f" and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, f.ino)
+            except (OSError, KeyError):
+                ok = False
+        elif e.type == mf.HARDLINK:
             first = walked.get(e.digest)
             ok = f.type == "f" and first is not None and first.type == "f" and f.ino == first.ino
         elif e.type == mf.DIR:
