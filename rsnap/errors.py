@@ -39,3 +39,7 @@ class PermanentStoreError(StoreError):
 
 class TransientStoreError(StoreError):
     """Worth another try later: throttled, unreachable, timed out, a server error."""
+
+
+class NewerFormatError(FormatError):
+    """A manifest written by a newer rsnap: not damage, the reader must be upgraded."""

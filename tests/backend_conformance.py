@@ -109,4 +109,38 @@ class TieredHarness(S3Harness):
         return TieredStore(local, super().open(bucket))
 
 
-BACKENDS: list[type[Harness]] = [LocalHarness, S3Harness, TieredHarness]
+class GhaHarness(Harness):
+    """GhaStore against the stand-in GitHub Actions cache service in front of Azurite
+    (tests/gha_server.py), a fresh service per test: immutable entries (no delete, no
+    overwrite) and no LIST, `newest` through the service's prefix lookup instead."""
+    name = "gha"
+    proxied = True
+    error_cases = ("unreachable",)
+    stat_timeout = 0.5
+
+    def __init__(self, request, tmp_path):
+        super().__init__(request, tmp_path)
+        import pytest
+        pytest.importorskip("opendal", reason="the opendal wheel is not installed: pip install opendal")
+        from fault_proxy import ProxyProcess
+        server = request.getfixturevalue("gha_server")
+        self.proxy = ProxyProcess(server.port)
+        request.addfinalizer(self.proxy.stop)
+        server.behind(self.proxy.endpoint)      # twirp calls and blob traffic both cross the proxy
+        self.mp = request.getfixturevalue("monkeypatch")
+        for k, v in {**server.env(), "RSNAP_GHA_RETRY_MIN_DELAY": "0.01",
+                     "RSNAP_GHA_TIMEOUT": str(self.stat_timeout)}.items():
+            self.mp.setenv(k, v)
+        self.store = self.open()
+
+    def open(self) -> Backend:
+        from rsnap.store.gha import GhaStore
+        return GhaStore("gha://conformance")
+
+    def broken(self, case: str) -> Backend:
+        from gha_server import free_port
+        self.mp.setenv("ACTIONS_RESULTS_URL", f"http://127.0.0.1:{free_port()}/")
+        return self.open()
+
+
+BACKENDS: list[type[Harness]] = [LocalHarness, S3Harness, TieredHarness, GhaHarness]

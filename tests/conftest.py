@@ -35,7 +35,7 @@ from cargo_util import (LAYOUTS, Workspace, cargo_env as _cargo_env, create_work
                         mkregistry, normalize_output)
 from fixtures.tools import cargohome
 
-pytest_plugins = ["s3_fixtures", "buildkit_fixtures"]  # moto_server, fault_proxy; buildkit, buildkit_session
+pytest_plugins = ["s3_fixtures", "buildkit_fixtures", "gha_fixtures"]  # moto_server, fault_proxy; buildkit, buildkit_session; azurite, gha_server, gha_store
 
 REQUIRE_ALL = os.environ.get("RSNAP_TEST_REQUIRE") == "all"
 

@@ -29,7 +29,7 @@ def empty_cache(buildkit):
 
 
 def _args(session, tag: str, **extra) -> dict:
-    return dict(RUST_IMAGE=session.test_image, **extra)
+    return dict(RUST_IMAGE=session.test_image, RSNAP_PIP="rsnap", **extra)   # from the image's offline wheels
 
 
 def _run(binary) -> str:

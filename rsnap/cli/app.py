@@ -12,7 +12,7 @@ import typer
 from .. import __version__
 from ..cargo import keys
 from ..cargo.layout import discover
-from ..errors import StoreError
+from ..errors import FormatError, StoreError
 from ..progress import human_bytes
 from ..snapshot.roots import restore_interrupted
 from ..store import open_store
@@ -172,9 +172,19 @@ def status(
         st, name, kind, found_scope = commands.find_in_scopes(store, scope, read_scope, k, prefixes)
     except StoreError as e:
         name, kind, found_scope, data["store_error"] = None, "miss", None, str(e)
-    data["would_restore"] = {"result": kind, "snapshot": name, "scope": found_scope}
-    if name:
-        m = repo.read_manifest(st, name)
+    damaged, m = [], None
+    while name and len(damaged) < commands.MAX_DAMAGED_MANIFESTS:
+        try:
+            m = repo.read_manifest(st, name)
+            break
+        except (StoreError, FormatError) as e:  # a damaged manifest: restore would take the next one
+            if not commands._manifest_damage(e):
+                raise
+            damaged.append(name)
+            st, name, kind, found_scope = commands.find_in_scopes(store, scope, read_scope, k, prefixes, damaged)
+    data["would_restore"] = {"result": kind if m else "miss", "snapshot": name if m else None, "scope": found_scope,
+                             "damaged_manifests": damaged}
+    if m:
         data["would_restore"].update(files=m.file_count(), bytes=m.total_size(),
                                      relocated=(m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)))
         from . import explain as explain_cli

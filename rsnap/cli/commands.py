@@ -13,7 +13,7 @@ import time
 from .. import timings
 from ..cargo import key_record, keys, prefetch
 from ..cargo.layout import discover, RSNAP_DIR
-from ..errors import RsnapError, StoreError, EXIT_USAGE
+from ..errors import FormatError, NewerFormatError, RsnapError, StoreError, TransientStoreError, EXIT_USAGE
 from ..progress import human_bytes
 from ..snapshot.restore import restore as restore_snapshot
 from ..snapshot.roots import arm_usage, locked, restore_interrupted
@@ -70,24 +70,36 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
     record_key = lambda: key_record.remember(ws, k, inputs, "explicit" if key else "default")  # noqa: E731
     prefixes = keys.fallback_prefixes(inputs, [keys.validate_key(p) for p in (restore_key or [])])
     base = {"key": k, "store": store or os.environ.get("RSNAP_STORE") or default_store_url(), "scope": scope or None}
-    try:
-        st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes)
-    except StoreError as e:
-        _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws, record_key)
-        return None
-    timings.mark("lookup")
-    remote = st.remote_store  # a remote store that fails is a miss (exit 0), not an error
-    if name is None:
-        _miss(as_json, quiet, base, started, f"no snapshot for key {k}; cargo will build from scratch"
-              "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws, record_key)
-        return st
-    try:
-        m = read_manifest(st, name, ws)
-    except StoreError as e:
-        if not remote:
-            raise
-        _miss(as_json, quiet, base, started, f"{e}; cargo will build from scratch", ws, record_key)
-        return None
+    damaged_manifests: list[str] = []
+    while True:
+        try:
+            st, name, kind, base["scope"] = find_in_scopes(store, scope, read_scope, k, prefixes, damaged_manifests)
+        except StoreError as e:
+            _miss(as_json, quiet, base, started, f"{e}; nothing restored (first run?)", ws, record_key)
+            return None
+        timings.mark("lookup")
+        remote = st.remote_store  # a remote store that fails is a miss (exit 0), not an error
+        if name is None:
+            _miss(as_json, quiet, {**base, **_damaged_manifests(damaged_manifests)}, started,
+                  f"no {'usable ' if damaged_manifests else ''}snapshot for key {k}; cargo will build from scratch"
+                  "; set RUSTC_WRAPPER=rsnap-rustc to reuse single crates from the compile cache", ws, record_key)
+            return st
+        try:
+            m = read_manifest(st, name, ws)
+            break
+        except (StoreError, FormatError) as e:
+            if not _manifest_damage(e):
+                if remote and isinstance(e, StoreError):
+                    _miss(as_json, quiet, base, started, f"{e}; cargo will build from scratch", ws, record_key)
+                    return None
+                raise
+            if not quiet:
+                sys.stderr.write(f"rsnap: warning: snapshot {name} is damaged ({e}); trying the next one\n")
+            damaged_manifests.append(name)
+            if len(damaged_manifests) >= MAX_DAMAGED_MANIFESTS:
+                _miss(as_json, quiet, {**base, **_damaged_manifests(damaged_manifests)}, started,
+                      f"{e}; cargo will build from scratch", ws, record_key)
+                return None
     timings.mark("manifest")
     if (m.workspace_root, m.cargo_home) != (str(ws.root), str(ws.cargo_home)) and not allow_relocate:
         _miss(as_json, quiet, base, started,
@@ -110,10 +122,15 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
             _miss(as_json, quiet, {**base, "snapshot": name}, started,
                   f"{e}; the partly restored target is not trusted (no fingerprints): cargo will build from scratch", ws, record_key)
             return None
+    damage_warning = out.pop("damage_warning")
+    if damage_warning and not quiet:
+        sys.stderr.write(damage_warning + "\n")
+    if damaged_manifests:
+        out["damaged"] = {**(out["damaged"] or {}), **_damaged_manifests(damaged_manifests)["damaged"]}
     result = {**base, "result": kind, "snapshot": name, "snapshot_key": m.key, "fallback": _fallback(kind, m.key, inputs),
               "repaired_interrupted_restore": was_interrupted, **out, **prediction,
               "seconds": round(time.monotonic() - started, 3), "timings": _timings(),
-              "discovery_cached": prefetch.from_cache()}
+              "discovery_cached": prefetch.from_cache(), "traffic": _traffic(st)}
     result["incremental_hint"] = _incremental_hint(inputs, m)
     prefetch.remember(ws.target_dir, manifest_path)
     if out["clock_shift_seconds"] and not as_json and not quiet:
@@ -125,7 +142,7 @@ def _restore(store, key, restore_key, manifest_path, allow_relocate, as_json, qu
          f"{out['sources']['retimed'] + out['sources']['kept']} sources unchanged, "
          f"{out['sources']['bumped'] + out['sources']['newer']} changed, in {result['seconds']}s\n"
          + _left_out_line(out["skipped"])
-         + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}"
+         + f"rsnap: {prediction.get('summary', 'rebuild not predicted')}{_damage_note(out['damaged'])}"
          + "".join(f"\nrsnap: note: {n}" for n in prediction.get("notes", []))
          + (f"\nrsnap: hint: {result['incremental_hint']}" if result["incremental_hint"] else ""), quiet)
     return st
@@ -151,6 +168,25 @@ def _incremental_hint(inputs: dict, m) -> str | None:
                                lambda: incremental_ci.has_incremental_dirs(m))
 
 
+MAX_DAMAGED_MANIFESTS = 8  # a store whose manifests all fail to read: a miss, not a LIST per snapshot
+
+
+def _manifest_damage(e: RsnapError) -> bool:
+    """A manifest that is gone, unreadable or fails validation is a miss for its snapshot only;
+    one from a newer rsnap is not damage (exit 5), nor is a store that cannot be reached (a
+    remote one: a miss; a local one: exit 3)."""
+    return not isinstance(e, (NewerFormatError, TransientStoreError))
+
+
+def _damaged_manifests(names: list[str]) -> dict:
+    return {"damaged": {"manifests": list(names)}} if names else {}
+
+
+def _damage_note(damaged: dict | None) -> str:
+    n = (damaged or {}).get("units_left_out")
+    return f" (besides the {n} units left out for store damage)" if n else ""
+
+
 def _left_out_line(skipped: dict) -> str:
     if not skipped["units"] and not skipped["incremental_dirs"]:
         return ""
@@ -159,9 +195,10 @@ def _left_out_line(skipped: dict) -> str:
 
 
 def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] | None, key: str,
-                   prefixes: list[str]):
+                   prefixes: list[str], exclude=()):
     """(store, snapshot name, hit kind, scope): the exact key in each readable scope in order,
-    then each prefix in each scope. Scopes whose namespace does not exist are skipped."""
+    then each prefix in each scope. Scopes whose namespace does not exist are skipped, and so
+    are the snapshots named in `exclude` (damaged manifests)."""
     from ..store.scope import read_scopes
     opened, error = [], None
     for name in read_scopes(scope, read_scope):
@@ -172,15 +209,21 @@ def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] |
     if not opened:
         raise error
     for st, name in opened:
-        found, kind = repo.find_snapshot(st, key, [])
+        found = [n for n in repo.newest_snapshots(st, key, None, exact=True) if n not in exclude]
         if found:
-            return st, found, kind, name
+            return st, found[0], "exact", name
     for prefix in prefixes:
         for st, name in opened:
-            found = repo.list_snapshots(st, prefix)
+            found = [n for n in repo.newest_snapshots(st, prefix, None) if n not in exclude]
             if found:
-                return st, found[0][0], "partial", name
+                return st, found[0], "partial", name
     return opened[0][0], None, "miss", opened[0][1]
+
+
+def _traffic(st) -> dict | None:
+    """Entries and bytes a store that counts them moved (gha://: the job summary's "moved" line)."""
+    traffic = getattr(getattr(st, "remote", st), "traffic", None)
+    return dict(traffic) if traffic else None
 
 
 def _timings() -> dict:
@@ -259,7 +302,7 @@ def save(store: str | None = None, key: str | None = None, manifest_path: str | 
     if gc_report and not as_json and not quiet:
         sys.stderr.write(gc.format_report(gc_report) + "\n")
     emit(as_json, {**out, "store": st.url, "scope": scope or None, "gc": gc_report, "key_source": key_source,
-                   "timings": _timings(),
+                   "timings": _timings(), "traffic": _traffic(st),
                    "discovery_cached": prefetch.from_cache()},
          f"rsnap: saved {k} (key from {key_source}): {out['files']} files ({human_bytes(out['bytes_total'])}), "
          f"{out['blobs_new']} new blobs, wrote {human_bytes(out['bytes_written'])} in {out['seconds']}s", quiet)

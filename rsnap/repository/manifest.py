@@ -24,7 +24,7 @@ import zstandard
 from ..cargo.layout import CARGO_HOME_TREES, is_cargo_home_excluded, is_excluded_target_path
 from ..cargo.target_layout import is_fingerprint_path
 from ..cargo import rustc_info
-from ..errors import FormatError
+from ..errors import FormatError, NewerFormatError
 
 FORMAT_VERSION = 3  # 2: `chunks`; 3: hard links across roots (formats 1 and 2 are still read)
 MAX_MANIFEST_BYTES = 2 << 30
@@ -138,7 +138,7 @@ def _parse(data: bytes) -> dict:
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
         raise FormatError("snapshot manifest has no valid format version")
     if fmt > FORMAT_VERSION:
-        raise FormatError(
+        raise NewerFormatError(
             f"snapshot was written by a newer rsnap (format {fmt}, this rsnap reads {FORMAT_VERSION}); upgrade rsnap")
     return doc
 

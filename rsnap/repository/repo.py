@@ -21,7 +21,7 @@ from ..digest import digest_bytes
 from ..errors import StoreError, FormatError
 from . import manifest as mf
 
-PACK_TARGET = 16 << 20          # close a pack once it holds this many compressed bytes
+PACK_TARGET = int(os.environ.get("RSNAP_PACK_SIZE", 16 << 20))  # close a pack once it holds this many compressed bytes
 ZSTD_LEVEL = 3
 
 
@@ -246,15 +246,28 @@ def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
     return out
 
 
+def newest_snapshots(store, key_prefix: str, limit: int | None = 1, near: str = "", exact: bool = False) -> list[str]:
+    """Names of the newest snapshots whose key starts with `key_prefix` (is it, with `exact`),
+    newest first (`limit` of them, None: all), the one nearest `near` first (nearest_first). A store without LIST names only
+    the newest one under a prefix (Backend.newest): then that of `near`'s key, then the prefix's."""
+    if store.capabilities.list:
+        found = [s for s in list_snapshots(store, key_prefix) if not exact or s[1] == key_prefix]
+        return nearest_first(found, near)[:limit]
+    prefixes = [near + "/"] if near else []
+    prefixes.append(key_prefix + "/" if exact else key_prefix)
+    names = [store.newest(snapshot_prefix(p)) for p in prefixes]
+    return list(dict.fromkeys(n for n in names if n))[:limit]
+
+
 def find_snapshot(store, key: str, prefixes: list[str]) -> tuple[str | None, str]:
     """Newest snapshot for `key` exactly, else for the first prefix that matches any."""
-    exact = [s for s in list_snapshots(store, key) if s[1] == key]
+    exact = newest_snapshots(store, key, exact=True)
     if exact:
-        return exact[0][0], "exact"
+        return exact[0], "exact"
     for prefix in prefixes:
-        found = list_snapshots(store, prefix)
+        found = newest_snapshots(store, prefix)
         if found:
-            return found[0][0], "partial"
+            return found[0], "partial"
     return None, "miss"
 
 
@@ -282,7 +295,7 @@ def recent_blob_tables(store, key_prefix: str, limit: int = 2, near: str = "") -
     leading parts with it (the same key, else the same job): with many jobs in one family, the
     newest snapshots may all be other jobs', which share far fewer files."""
     out = []
-    names = nearest_first(list_snapshots(store, key_prefix), near)[:limit]
+    names = newest_snapshots(store, key_prefix, limit, near)
     if len(names) > 1:   # in parallel on a remote store
         try:
             raw = store.get_many(names)

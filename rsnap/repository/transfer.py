@@ -19,6 +19,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..errors import StoreError
+
 GAP = int(os.environ.get("RSNAP_FETCH_GAP", 1 << 20))      # ~ what one round trip costs in transfer
 BUDGET = int(os.environ.get("RSNAP_FETCH_BUDGET", 256 << 20))
 MAX_FETCH = 32 << 20                                          # one GET covers at most this
@@ -146,7 +148,11 @@ def reader(store, ranges):
     ranges = list(ranges)
     if not store.remote_store or not ranges:
         return store
-    if store.fill(sorted({name for name, _s, _e in ranges})) is not None:
+    try:
+        filled = store.fill(sorted({name for name, _s, _e in ranges}))
+    except StoreError:  # a damaged pack: the tier reads each on demand, and restore names the bad one
+        filled = 0
+    if filled is not None:
         return store            # a local tier holds them now
     fetcher = RangePrefetcher(store)
     fetcher.prefetch(ranges)

@@ -1,13 +1,14 @@
 """A restore from a remote store that fails midway becomes a clean miss.
 
-Restore verifies every blob it writes, and writes fingerprints last (rsnap.snapshot.restore),
-so a read that fails (a pack missing or corrupt, the store unreachable or throttling past
-the retries) leaves the target as an interrupted restore would: units without fingerprints,
-never a fingerprint vouching for foreign content. For a local store that stays an error
-(exit 3: the store itself is broken). For a remote one the CI job should go on and build:
-`as_miss` removes every fingerprint of the target/build dirs (cargo then rebuilds every unit
-and trusts none of what was written) and the `restoring` marker, so the job's `rsnap save`
-is allowed, and `rsnap restore` reports a miss and exits 0.
+A damaged pack (missing, corrupt, unreadable past the retries) costs only the units it touches
+(rsnap.snapshot.damage), so what reaches here is a failure of the store as a whole outside the
+pack reads (e.g. the check for missing packs cannot reach it). Restore writes fingerprints last,
+so the target is then as an interrupted restore leaves it: units without fingerprints, never a
+fingerprint vouching for foreign content. For a local store that stays an error (exit 3: the
+store itself is broken). For a remote one the CI job should go on and build: `as_miss` removes
+every fingerprint of the target/build dirs (cargo then rebuilds every unit and trusts none of
+what was written) and the `restoring` marker, so the job's `rsnap save` is allowed, and
+`rsnap restore` reports a miss and exits 0.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import os
 
 from ..cargo import fingerprints as fpr, target_layout
 from ..cargo.layout import RSNAP_DIR
+from ..errors import StoreError
 from ..repository import manifest as mf
 
 RECORD = "unmaterialized.json"
@@ -55,7 +56,10 @@ class PlannedTree(fpr.ManifestTree):
         if self.store is None or e.size > 1 << 20 or e.digest not in self.m.blobs:
             return None
         from ..repository import repo
-        return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
+        try:
+            return repo.read_blob(self.store, self.m.blobs[e.digest], e.digest)
+        except StoreError:  # a damaged pack: the file is unreadable, as if absent (rsnap.snapshot.damage)
+            return None
 
 
 class Skip:

@@ -20,10 +20,10 @@ from typing import Callable, NamedTuple
 
 from .. import faults, timings
 from ..cargo import layout, mtimes, rustc_info, target_layout
-from ..errors import RsnapError, EXIT_WORKSPACE
+from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..repository import manifest as mf, repo
-from . import clock, partial, scan, settled
+from . import clock, damage as dmg, partial, scan, settled
 from .plan import RestorePlan, merge_subtrees, plan_root, relink_across, settled_plan
 from .roots import (RESTORING_MARKER, WORKERS, arm_usage, cargo_lock_files, cargo_locks, os_error, root_path, root_specs,
                     units_root_of)
@@ -73,6 +73,8 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         exclude = spec.exclude if spec else layout.is_excluded_target_path
         plans.append(plan_root(path, root, subtrees, exclude, others))
     relink_across(plans)
+    damage = dmg.Damage()
+    dmg.find_missing(store, m, [p for p in plans if not p.settled], damage)
     timings.mark("plan")
     newest = clock.newest_artifact_ns(m)
     markers = [p.spec_path / layout.RSNAP_DIR / RESTORING_MARKER for p in plans if not p.root.merge]
@@ -92,7 +94,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         timings.mark("prepare")
         # Fingerprint files (under temp names) and dep-info first, then sources normalized: together
         # they tell which units the coming build will rebuild, which the other files then leave out.
-        held_back = _write_files(store, m, plans, stats, bar, first=True)
+        held_back = _write_files(store, m, plans, stats, bar, damage, first=True)
         try:
             timings.mark("write_fingerprints")
             # Sources are normalized before fingerprints are put in place: an interruption before
@@ -101,8 +103,10 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             timings.mark("sources")
             prediction, skip = _predict_and_skip(store, m, plans, held_back, retime, predict_with)
             held_back = _leave_out(skip, plans, held_back, bar)
+            held_back = _leave_out_damage(damage, m, plans, held_back)
             timings.mark("predict")
-            held_back += _write_files(store, m, plans, stats, bar, first=False)
+            held_back += _write_files(store, m, plans, stats, bar, damage, first=False)
+            held_back = _leave_out_damage(damage, m, plans, held_back)  # packs found damaged while writing
             timings.mark("write")
             for plan in plans:
                 _write_links_and_meta(plan, stats, paths)
@@ -119,6 +123,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         timings.mark("fingerprints_dirs")
         if units_root_of(m) not in unchanged:  # a settled root keeps its record (it left out the same)
             partial.write_record(ws.target_dir, snapshot_name, m, skip)  # or forgets an older one
+        dmg.write_record(ws.target_dir, snapshot_name, damage)  # or forgets an older one
         for plan in plans:
             if not plan.root.merge:
                 info = plan.spec_path / layout.RSNAP_DIR / RESTORED_INFO
@@ -131,7 +136,8 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
         timings.mark("stat_cache")
         if caches or rearmed:
             settled.retimed(unchanged, rearmed)
-            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged, absent=skip.absent())
+            settled.record(ws, snapshot_name, m, specs, caches, keep=unchanged,
+                           absent=_absent(skip, damage))
         timings.mark("settled")
         faults.point("restore.done")
         for marker in markers:
@@ -143,6 +149,7 @@ def _restore(ws, store, snapshot_name: str, m: mf.Manifest, progress: bool | Non
             "metadata_fixed": stats.metadata_fixed, "sources": retime.as_dict(), "settled_roots": sorted(unchanged),
             "clock_shift_seconds": round(shift / 1e9, 3),
             "skipped": skip.as_dict(), "prediction": prediction,  # popped by the caller
+            "damaged": damage.as_dict() if damage else None, "damage_warning": damage.warning() if damage else None,
             "seconds": round(time.monotonic() - started, 3)}
 
 
@@ -300,6 +307,7 @@ class _Task:
     def __init__(self, pack_id: str | None, start: int, end: int, files: list[_File] | None = None, cost: int = 0):
         self.pack_id, self.start, self.end, self.cost = pack_id, start, end, cost
         self.files = files if files is not None else []
+        self.done: list[_File] = []  # the files written (the others: damaged packs)
 
 
 TASK_COST = 4 << 20     # split restore work into tasks of about this cost (bytes written, plus...)
@@ -312,12 +320,15 @@ def _written_first(rel: str) -> bool:
     return _written_last(rel) or target_layout.is_makefile_depinfo(rel)
 
 
-def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar, first: bool) -> list[_File]:
+def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: RestoreStats, bar,
+                 damage: dmg.Damage, first: bool) -> list[_File]:
     """Step 3: write the files written first (`first`, see `_written_first`), or the others,
     in size-balanced tasks on a thread pool. Data files are renamed into place; files written
     last are returned still under their temp names, for `_put_in_place` after sources are
-    normalized. Dirs are made with the other files."""
+    normalized. Dirs are made with the other files. A file whose pack is damaged (missing, or
+    its read or verification fails) is not written: it goes into `damage` (rsnap.snapshot.damage)."""
     files = []
+    root_names = {str(plan.spec_path): plan.root.name for plan in plans}
     for plan in plans:
         dirs = _SafeDirs(plan.spec_path, _trusted_depth(plan))
         root = str(plan.spec_path)
@@ -325,15 +336,31 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
             if e.type == "d" and not first:
                 dirs.make(e.path)
             elif e.type == "f" and _written_first(e.path) == first:
+                if damage.packs and dmg.packs_of(m, e) & damage.packs.keys():
+                    damage.file_failed(plan.root.name, e.path)
+                    continue
                 dirs.make(e.path.rpartition("/")[0])
                 files.append(_File(root, e, _written_last(e.path)))
     held_back: list[_File] = []
 
     def run(task: _Task) -> _Task:
-        span = None if task.pack_id is None else \
-            memoryview(store.get_range(repo.pack_name(task.pack_id), task.start, task.end - task.start))
+        task.done = []
+        try:
+            span = None if task.pack_id is None else _read_pack(store, damage, task.pack_id, task.start, task.end)
+        except _PackDamage as e:
+            damage.pack_failed(e.pack_id, e.error)
+            for f in task.files:
+                damage.file_failed(root_names[f.root], f.entry.path)
+            return task
         for f in task.files:
-            _write_atomic(f.dest, f.entry, _content_writer(store, m, f.entry, task, span), keep_temp=f.last)
+            try:
+                _write_atomic(f.dest, f.entry, _content_writer(store, m, f.entry, task, span, damage),
+                              keep_temp=f.last)
+            except _PackDamage as e:
+                damage.pack_failed(e.pack_id, e.error)
+                damage.file_failed(root_names[f.root], f.entry.path)
+                continue
+            task.done.append(f)
             if f.last:
                 held_back.append(f)
             faults.point("restore.write")
@@ -348,7 +375,7 @@ def _write_files(store, m: mf.Manifest, plans: list[RestorePlan], stats: Restore
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     try:
         for task in pool.map(run, tasks):
-            for f in task.files:
+            for f in task.done:
                 stats.files_written += 1
                 stats.bytes_written += f.entry.size
                 bar.advance(f.entry.size)
@@ -415,6 +442,48 @@ def _leave_out(skip: partial.Skip, plans: list[RestorePlan], held_back: list[_Fi
     return kept
 
 
+def _leave_out_damage(damage: dmg.Damage, m: mf.Manifest, plans: list[RestorePlan],
+                      held_back: list[_File]) -> list[_File]:
+    """Take what damaged packs touch out of each root's plan (rsnap.snapshot.damage): its files
+    written under temp names are deleted, and what of it is on disk is removed."""
+    if not damage.packs and not damage.failed:
+        return held_back
+    pending = [p for p in plans if not p.settled]
+    while pending:  # a root's hard links into what another root left out go too, and so on
+        plan = pending.pop(0)
+        root = str(plan.spec_path)
+        held = {f.entry.path: _temp_name(f.dest) for f in held_back if f.root == root}
+
+        def units(plan=plan, held=held):
+            from ..cargo import fingerprints as fpr
+            return fpr.read_units(partial.PlannedTree(plan.spec_path, plan.root, held))
+        out = dmg.leave_out(damage, m, plan, units)
+        if not out:
+            continue
+        plan.fix_meta = [(e, have) for e, have in plan.fix_meta if e.path not in out]
+        for f in held_back:
+            if f.root == root and f.entry.path in out:
+                with contextlib.suppress(OSError):
+                    os.unlink(_temp_name(f.dest))
+        held_back = [f for f in held_back if not (f.root == root and f.entry.path in out)]
+        dmg.clear_on_disk(plan.spec_path, plan.root, out)
+        for other in plans:
+            links = [e.path for e in other.write if e.type == "h" and e.link_root == plan.root.name and e.digest in out]
+            for path in links:
+                damage.file_failed(other.root.name, path)
+            if links and other not in pending:
+                pending.append(other)
+    return held_back
+
+
+def _absent(skip: partial.Skip, damage: dmg.Damage) -> dict[str, set[str]]:
+    """Per root, the entries this restore left out (the settled record keeps them absent)."""
+    absent = {name: set(paths) for name, paths in skip.absent().items()}
+    for name, paths in damage.left_out.items():
+        absent.setdefault(name, set()).update(paths)
+    return absent
+
+
 def _ranges(m: mf.Manifest, tasks: list[_Task]):
     """(pack object, start, end) of every read the tasks will make, in the order they make them."""
     for task in tasks:
@@ -425,14 +494,60 @@ def _ranges(m: mf.Manifest, tasks: list[_Task]):
                 yield repo.pack_name(pack_id), start, end
 
 
-def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span) -> Callable[[int], None]:
+class _PackDamage(Exception):
+    """A read or verification of one pack failed while writing a file (rsnap.snapshot.damage)."""
+
+    def __init__(self, pack_id: str, error: StoreError):
+        super().__init__(str(error))
+        self.pack_id, self.error = pack_id, error
+
+
+def _read_pack(store, damage: dmg.Damage, pack_id: str, start: int, end: int):
+    """A range of a pack, or _PackDamage. Once the store failed in a way retries did not cure
+    (throttling, unreachable), the remaining packs are not read: they count as unreadable."""
+    if damage.store_failing is not None:
+        raise _PackDamage(pack_id, damage.store_failing)
+    try:
+        return memoryview(store.get_range(repo.pack_name(pack_id), start, end - start))
+    except StoreError as err:
+        if dmg.transient(err):
+            damage.store_failing = err
+        raise _PackDamage(pack_id, err) from None
+
+
+def _content_writer(store, m: mf.Manifest, e: mf.Entry, task: _Task, span, damage: dmg.Damage) -> Callable[[int], None]:
     """What writes e's content into a file descriptor: its blob from the task's span of a pack,
-    or its chunks (a chunked file is a task of its own and reads them itself)."""
+    or its chunks (a chunked file is a task of its own and reads them itself). A failure of
+    the pack raises _PackDamage naming it."""
     if task.pack_id is None:
-        return lambda fd: repo.write_chunks(store, m.blobs, m.chunks[e.digest], fd, e.digest, e.size)
+        return lambda fd: _write_chunks(store, m, m.chunks[e.digest], fd, e.digest, e.size, damage)
     _pack, off, clen, _size = m.blobs[e.digest]
     frame = span[off - task.start:off - task.start + clen]
-    return lambda fd: repo.write_blob(frame, fd, e.digest, e.size, f"pack {task.pack_id}")
+
+    def write(fd: int) -> None:
+        try:
+            repo.write_blob(frame, fd, e.digest, e.size, f"pack {task.pack_id}")
+        except StoreError as err:
+            raise _PackDamage(task.pack_id, err) from None
+    return write
+
+
+def _write_chunks(store, m: mf.Manifest, chunks: list[str], fd: int, digest: str, size: int,
+                  damage: dmg.Damage) -> None:
+    """repo.write_chunks, naming the pack that failed (each chunk is verified, then the whole file)."""
+    import xxhash
+    whole = xxhash.xxh3_128()
+    for pack_id, start, end, run in repo._chunk_reads(m.blobs, chunks):
+        span = _read_pack(store, damage, pack_id, start, end)
+        try:
+            for part in run:
+                _pack, off, clen, psize = m.blobs[part]
+                repo.write_blob(span[off - start:off - start + clen], fd, part, psize, f"pack {pack_id}", whole)
+        except StoreError as err:
+            raise _PackDamage(pack_id, err) from None
+    if whole.hexdigest() != digest or sum(m.blobs[c][3] for c in chunks) != size:
+        raise _PackDamage(m.blobs[chunks[0]][0], StoreError(
+            f"file {digest} assembled from its chunks does not match its digest (corrupt)"))
 
 
 def _tasks(m: mf.Manifest, files: list[_File]) -> list[_Task]:

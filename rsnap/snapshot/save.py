@@ -18,7 +18,7 @@ from ..cargo import mtimes, rustc_info, target_layout
 from ..errors import RsnapError, StoreError, EXIT_WORKSPACE
 from ..progress import Progress
 from ..repository import chunking, manifest as mf, repo
-from . import partial, scan, settled
+from . import damage, partial, scan, settled
 from .roots import WORKERS, RootSpec, arm_usage, cargo_lock_files, cargo_locks, root_specs, units_root
 
 class SaveStats:
@@ -43,6 +43,7 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
 
 def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held=None) -> dict:
     known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix, near=key))
+    known, known_chunks = _without_damaged(known, known_chunks, damage.damaged_packs(ws.target_dir))
     timings.mark("dedupe_tables")
     writer = repo.PackWriter(store)
     stats = SaveStats()
@@ -117,7 +118,8 @@ def _carry_over(ws, store, roots: list[mf.Root], blobs: dict, chunks: dict) -> d
         return {"dirs": 0, "files": 0, "bytes": 0, "paths": []}
     dirs, entries, more_blobs, more_chunks = partial.carried_over(ws.target_dir, ws.build_dir, target.entries)
     packs = sorted({loc[0] for loc in more_blobs.values()})
-    if not entries or store.missing([repo.pack_name(p) for p in packs]):
+    if not entries or set(packs) & damage.damaged_packs(ws.target_dir) or \
+            store.missing([repo.pack_name(p) for p in packs]):
         return {"dirs": 0, "files": 0, "bytes": 0, "paths": []}
     target.entries.extend(entries)
     for digest, loc in more_blobs.items():
@@ -127,6 +129,15 @@ def _carry_over(ws, store, roots: list[mf.Root], blobs: dict, chunks: dict) -> d
     files = [e for e in entries if e.type in ("f", "h")]
     return {"dirs": len(dirs), "files": len(files), "bytes": sum(e.size for e in files),
             "paths": [e.path for e in entries]}
+
+
+def _without_damaged(known: dict, known_chunks: dict, damaged: set[str]) -> tuple[dict, dict]:
+    """Dedupe tables without the blobs in packs the last restore here found damaged (missing ones
+    known_blobs leaves out itself; a corrupt one is still in the store): their content is stored again."""
+    if not damaged:
+        return known, known_chunks
+    known = {digest: loc for digest, loc in known.items() if loc[0] not in damaged}
+    return known, {digest: parts for digest, parts in known_chunks.items() if all(p in known for p in parts)}
 
 
 def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:

@@ -10,6 +10,7 @@ import os
 
 from .. import faults
 from ..errors import StoreError
+from . import cache_bundle
 from .local import LocalStore
 from .registry import default_store_url, open_store
 from .tiered import TieredStore
@@ -38,6 +39,8 @@ def sync_cache_down(store, limit: int | None = None) -> dict:
     remote = _remote(store)
     if local is None:
         return {}
+    if not remote.capabilities.list:    # e.g. gha://: bundled (rsnap.store.cache_bundle)
+        return cache_bundle.sync_down(remote, local)
     have = set(local.list("cache/"))
     want = [(n, s) for n, s, _m in remote.stat_all("cache/") if n not in have]
     if limit is not None:
@@ -59,6 +62,8 @@ def sync_cache_up(store) -> dict:
     remote = _remote(store)
     if local is None:
         return {}
+    if not remote.capabilities.list:
+        return cache_bundle.sync_up(remote, local)
     have = set(remote.list("cache/"))
     names = [n for n in local.list("cache/") if n not in have]
     sent = 0

@@ -47,11 +47,12 @@ class OpenDALBackend(Backend):
     container = "the store"
     denied_hint = "check the credentials"
     missing_container_codes: tuple[str, ...] = ()   # service error codes meaning "no such bucket"
+    default_retries = 6   # RSNAP_<ENV>_RETRIES unless set
 
     def __init__(self, service: str, options: dict, url: str, endpoint: str, env: str,
                  jobs: int | None = None):
         self.url, self.endpoint = url, redact(endpoint)
-        self.retries = int(env_float(f"RSNAP_{env}_RETRIES", 6))
+        self.retries = int(env_float(f"RSNAP_{env}_RETRIES", self.default_retries))
         import opendal
         from opendal.layers import RetryLayer, TimeoutLayer
         try:

@@ -15,6 +15,7 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "": ("local", "LocalStore"),
     "file": ("local", "LocalStore"),
     "s3": ("s3", "S3Store"),
+    "gha": ("gha", "GhaStore"),
 }
 LOCAL_SCHEMES = ("", "file")
 
