@@ -1,5 +1,5 @@
 """The never-stale state machine (tests/never_stale_machine.py) on CI's budget:
-RSNAP_MACHINE_EXAMPLES examples (default 6) of up to RSNAP_MACHINE_STEPS rules (default 6).
+RSNAP_MACHINE_EXAMPLES examples (default 10) of up to RSNAP_MACHINE_STEPS rules (default 6).
 bench/bench_never_stale.py runs it for minutes."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from cargo_util import create_workspace
 from never_stale_machine import STATS, NeverStale, make_scene
 
-EXAMPLES = int(os.environ.get("RSNAP_MACHINE_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("RSNAP_MACHINE_EXAMPLES", "10"))
 STEPS = int(os.environ.get("RSNAP_MACHINE_STEPS", "6"))
 
 
