@@ -3,7 +3,7 @@
     RSNAP_FAULT=<pattern>:<n>[:<action>]
 
 `pattern` is an fnmatch glob over fault point names ("restore.write", "store.packs.tmp",
-"remote.put.snapshots", "prune.manifests", "cache.entry", ...: tests/test_fault_points.py
+"remote.put.snapshots", "prune.packs", "cache.entry", ...: tests/test_fault_points.py
 finds them all in the sources and kills each one); the n-th hit (1-based, counted over all matching points in this
 process) triggers `action`: `kill` (default: SIGKILL, like kill -9 or a runner dying),
 `stop` (SIGSTOP: the test decides when it goes on), `enospc`, `eio`, `eacces` (raise that

@@ -16,6 +16,8 @@ Faults (each consumed by the next matching request, `times` times; times=None: f
   503       S3 `SlowDown` XML error          500   S3 `InternalError` XML error
   403       S3 `AccessDenied` XML error      404   S3 `NoSuchBucket` XML error
   truncate  forward, then send only half the body under the full Content-Length and close
+  stall     forward, then send half the body under the full Content-Length and go silent
+            (the connection stays open for 120 s): a hung network mid-transfer
 Counting covers every request the proxy receives, faulted or not: requests by method,
 request body bytes in, response body bytes out, and a log of (method, path, status).
 `seen_keys` holds the access key ids in the requests' SigV4 Authorization headers.
@@ -40,7 +42,7 @@ ERRORS = {"503": (503, "SlowDown", "Please reduce your request rate."),
           "500": (500, "InternalError", "We encountered an internal error. Please try again."),
           "403": (403, "AccessDenied", "Access Denied"),
           "404": (404, "NoSuchBucket", "The specified bucket does not exist")}
-FAULTS = set(ERRORS) | {"drop", "truncate"}
+FAULTS = set(ERRORS) | {"drop", "truncate", "stall"}
 _CRED = re.compile(r"Credential=([^/,\s]+)/")
 
 
@@ -213,6 +215,10 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, rbody = self._forward(body)
         if fault == "truncate" and len(rbody) > 1:
             self._answer(status, headers, rbody, len(body), cut=len(rbody) // 2)
+            return
+        if fault == "stall" and len(rbody) > 1:
+            self._answer(status, headers, rbody, len(body), cut=len(rbody) // 2)
+            time.sleep(120)
             return
         self._answer(status, headers, rbody, len(body))
 

@@ -175,7 +175,7 @@ def test_gc_killed_at(scene, point):
 
 # ---------------------------------------------------------------- prune (local store)
 
-PRUNE_POINTS = ["prune.manifests", "prune.packs"]
+PRUNE_POINTS = ["prune.packs"]   # the manifests are deleted, their packs not yet
 
 
 def _store_to_prune(scene: Scene, store) -> None:

@@ -3,24 +3,25 @@
 Policies (all optional, combined): keep the `keep` most recently used snapshots per key;
 drop snapshots not used for `older_than` seconds; drop the least recently used snapshots
 until what the rest reference (packs + manifests) fits in `max_size` bytes. With `older_than`,
-compile-cache entries (cache/) older than that go too. "Use" is the
-newer of a snapshot's creation and its manifest's mtime (upload time on S3, which cannot change
-LastModified without rewriting the object). Restore does not record uses (it leaves the store
+compile-cache entries (cache/) older than that go too. "Use" is the manifest's mtime on the
+store's clock (upload time on S3, which cannot change LastModified without rewriting the
+object), never the saving machine's clock. Restore does not record uses (it leaves the store
 untouched), so today "use" is creation; touching a manifest (`store.touch`) marks a use.
 
 A pack is deleted only when no kept snapshot references it and it is older than the grace
 period (`grace_seconds`, default 1 h, RSNAP_PRUNE_GRACE), measured on the store's clock
 (`store.now()`: for S3 the server's, from its LastModified): a save in progress uploads its
 packs before its manifest, and a save whose lock went stale must not lose them. Prune holds
-the store lock exclusively (flock, or S3 lock objects) and, for a remote store, checks it is
-still held just before deleting (docs/design.md, "Remote stores").
+the store lock exclusively (flock, or lock objects with a lease), checks the lease before each
+batch of deletes, and keeps the packs of manifests that appeared after it listed the snapshots
+(docs/design.md, "Remote stores").
 """
 from __future__ import annotations
 
 import os
 
 from .. import faults
-from ..errors import StoreError, FormatError
+from ..errors import FormatError, NotFoundError, StoreError
 from ..store.base import NO_LOCK
 from . import manifest as mf, repo
 
@@ -46,12 +47,9 @@ def prune(store, keep: int | None = 1, dry_run: bool = False, grace_seconds: flo
 
 def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> dict:
     now = store.now()
-    stat = {n: (size, mtime) for n, size, mtime in store.stat_all("snapshots/")}
-    snaps = []  # (name, key, last use in s, manifest bytes)
-    for name, key, created in repo.list_snapshots(store):
-        size, mtime = stat.get(name, (0, 0.0))
-        snaps.append((name, key, max(created / 1e9, mtime), size))
-    snaps.sort(key=lambda s: s[2], reverse=True)
+    snaps = []  # (name, key, last use in s on the store's clock, manifest bytes), most recent first
+    for name, key, stored_ns, size in repo.stat_snapshots(store):
+        snaps.append((name, key, stored_ns / 1e9, size))
     doomed: dict[str, str] = {}
     per_key: dict[str, int] = {}
     for name, key, used, _size in snaps:
@@ -80,17 +78,43 @@ def _prune(store, keep, dry_run, grace_seconds, older_than, max_size, held) -> d
         [(n, size) for n, size, mtime in store.stat_all("cache/") if now - mtime > older_than]
     removed = [{"snapshot": s[0], "key": s[1], "bytes": s[3], "reason": doomed[s[0]]} for s in snaps if s[0] in doomed]
     if not dry_run:
-        held.check()        # still ours: no save has called it stale and gone ahead
-        store.delete_many([r["snapshot"] for r in removed])     # manifests first, then packs
-        faults.point("prune.manifests")
-        held.check()
-        store.delete_many([n for n, _s in dead_packs] + [n for n, _s in dead_cache])
-        faults.point("prune.packs")   # everything deleted, the lock still held
+        _delete_in_batches(store, held, [r["snapshot"] for r in removed])   # manifests first, then packs
+        faults.point("prune.packs")
+        unseen = _unseen_references(store, {s[0] for s in snaps})
+        dead_packs = [(n, size) for n, size in dead_packs if n.rsplit("/", 1)[-1] not in unseen]
+        _delete_in_batches(store, held, [n for n, _s in dead_packs] + [n for n, _s in dead_cache])
     return {"store": store.url, "snapshots_deleted": len(removed), "snapshots_kept": len(snaps) - len(removed),
             "packs_deleted": len(dead_packs), "packs_kept": len(pack_sizes) - len(dead_packs),
             "cache_entries_deleted": len(dead_cache),
             "bytes_freed": sum(s for _n, s in dead_packs + dead_cache) + sum(r["bytes"] for r in removed),
             "bytes_kept": total, "removed": removed, "grace_seconds": grace_seconds, "dry_run": dry_run}
+
+
+DELETE_BATCH = 200      # objects deleted between two checks of the lease
+
+
+def _delete_in_batches(store, held, names: list[str]) -> None:
+    """The lease is checked (refreshed, on the server's clock) before each batch: a prune that
+    was stopped or cut off longer than its lease allows deletes nothing more."""
+    for i in range(0, len(names), DELETE_BATCH):
+        held.check()
+        store.delete_many(names[i:i + DELETE_BATCH])
+
+
+def _unseen_references(store, seen: set[str]) -> set[str]:
+    """Packs referenced by manifests that appeared since prune listed the snapshots (a save
+    whose lock prune called stale, or one that does not lock): those packs stay."""
+    new = [name for name, _key, _order in repo.list_snapshots(store) if name not in seen]
+    packs: set[str] = set()
+    for name in new:
+        try:
+            packs |= {loc[0] for loc in mf.loads_blob_tables(store.get(name))[0].values()}
+        except NotFoundError:
+            continue            # written and withdrawn again (a save that lost its lease)
+        except (StoreError, FormatError) as e:
+            raise StoreError(f"cannot prune: snapshot {name} appeared and is unreadable ({e}); "
+                             "no pack deleted") from None
+    return packs
 
 
 def _blob_tables(store, names: list[str]) -> dict[str, dict]:

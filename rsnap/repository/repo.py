@@ -218,11 +218,16 @@ def read_blob(store, loc: list, digest: str, pack_cache: dict | None = None) -> 
 
 # ---------------------------------------------------------------- snapshots
 
-def write_manifest(store, m: mf.Manifest, data: bytes | None = None) -> str:
-    """Store a manifest (`data`: mf.dumps(m), if already made). Call it only once every pack
-    the manifest names is in the store."""
-    name = f"{snapshot_prefix(m.key)}/{m.created_ns}-{os.urandom(4).hex()}"
-    store.put(name, data if data is not None else mf.dumps(m))
+def manifest_name(m: mf.Manifest) -> str:
+    return f"{snapshot_prefix(m.key)}/{m.created_ns}-{os.urandom(4).hex()}"
+
+
+def write_manifest(store, m: mf.Manifest, data: bytes | None = None, name: str | None = None,
+                   seconds: float | None = None) -> str:
+    """Store a manifest (`data`: mf.dumps(m), if already made) within `seconds` (a lease's
+    time left). Call it only once every pack the manifest names is in the store."""
+    name = name or manifest_name(m)
+    store.put_within(name, data if data is not None else mf.dumps(m), seconds)
     return name
 
 
@@ -230,10 +235,12 @@ def read_manifest(store, name: str) -> mf.Manifest:
     return mf.loads(store.get(name))
 
 
-def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
-    """(object name, key, created_ns), newest first."""
+def stat_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int, int]]:
+    """(object name, key, written at in ns, manifest bytes), most recently written first. The
+    order is the store's own clock (S3 LastModified, a local file's mtime), never the saving
+    machine's clock in the name, which only breaks ties (LastModified has 1 s resolution)."""
     out = []
-    for name in store.list("snapshots/" + key_prefix):
+    for name, size, mtime in store.stat_all("snapshots/" + key_prefix):
         parts = name.split("/")
         if len(parts) != 3:
             continue
@@ -241,9 +248,14 @@ def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
             created = int(parts[2].split("-")[0])
         except ValueError:
             continue
-        out.append((name, parts[1], created))
-    out.sort(key=lambda t: t[2], reverse=True)
-    return out
+        out.append((name, parts[1], int(mtime * 1e9) if mtime else created, size, created))
+    out.sort(key=lambda t: (t[2], t[4]), reverse=True)
+    return [t[:4] for t in out]
+
+
+def list_snapshots(store, key_prefix: str = "") -> list[tuple[str, str, int]]:
+    """(object name, key, written at in ns on the store's clock), most recently written first."""
+    return [t[:3] for t in stat_snapshots(store, key_prefix)]
 
 
 def newest_snapshots(store, key_prefix: str, limit: int | None = 1, near: str = "", exact: bool = False) -> list[str]:

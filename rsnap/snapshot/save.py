@@ -41,7 +41,7 @@ def save(ws, store, key: str, key_inputs: dict, dedupe_prefix: str, progress: bo
         return _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held)
 
 
-def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held=None) -> dict:
+def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_excluded, held) -> dict:
     known, known_chunks = repo.known_blobs(store, repo.recent_blob_tables(store, dedupe_prefix, near=key))
     known, known_chunks = _without_damaged(known, known_chunks, damage.damaged_packs(ws.target_dir))
     timings.mark("dedupe_tables")
@@ -91,9 +91,9 @@ def _save(ws, store, key, key_inputs, dedupe_prefix, progress, started, home_exc
             data = mf.dumps(m)
             _arm_keeping_stat_caches(ws, caches)
             writer.flush()  # every pack is in the store before the manifest that names them
-            _recheck(store, held, blobs, writer.pack_ids)
+            _recheck(store, blobs, writer.pack_ids)
             faults.point("save.manifest")
-            name = repo.write_manifest(store, m, data)
+            name = _commit(store, held, m, data)
             timings.mark("manifest")
         finally:
             for cache in caches:
@@ -140,22 +140,46 @@ def _without_damaged(known: dict, known_chunks: dict, damaged: set[str]) -> tupl
     return known, {digest: parts for digest, parts in known_chunks.items() if all(p in known for p in parts)}
 
 
-def _recheck(store, held, blobs: dict[str, list], written: set[str]) -> None:
-    """Right before the manifest (the commit): the store lock is still ours (a remote store's
-    lock objects: refreshed in time, so no prune may have called it stale), and every pack
-    this snapshot reuses from earlier snapshots is still in the store (docs/design.md,
-    "Remote stores"). Otherwise no manifest is written: the save fails, nothing is visible."""
-    if held is not None:
-        try:
-            held.check()
-        except StoreError as e:
-            raise StoreError(f"{e} (suspended or cut off: a prune may have gone ahead); no snapshot written, "
-                             "run the save again") from None
+def _recheck(store, blobs: dict[str, list], written: set[str]) -> None:
+    """Before the commit: every pack this snapshot reuses from earlier snapshots is still in
+    the store (docs/design.md, "Remote stores"). Otherwise no manifest is written: the save
+    fails, nothing is visible."""
     reused = sorted({loc[0] for loc in blobs.values()} - written)
     gone = store.missing([repo.pack_name(p) for p in reused])
     if gone:
         raise StoreError(f"{len(gone)} pack(s) this snapshot reuses vanished from store {store.url} while saving "
                          f"(a concurrent prune?), e.g. {gone[0]}; no snapshot written, run the save again")
+
+
+def _commit(store, held, m: mf.Manifest, data: bytes) -> str:
+    """The manifest PUT (the commit) inside the lease: the lock is refreshed right before it
+    (the lease held since the save began), the PUT gets the time the lease surely has left,
+    and the lease is checked again after it. If it broke, a prune may have deleted a pack the
+    manifest names: the manifest is deleted again and the save fails (exit 3)."""
+    _lease(held, "no snapshot written")
+    name = repo.manifest_name(m)
+    faults.point("save.commit")
+    left = held.time_left()
+    if left is not None and left < 1:
+        _lease(held, "no snapshot written")     # stalled since the refresh: again, on the server's clock
+        left = held.time_left()
+    try:
+        repo.write_manifest(store, m, data, name=name, seconds=left)
+        _lease(held, "snapshot withdrawn")
+    except StoreError as e:
+        try:
+            store.delete(name)
+        except StoreError:
+            pass        # not written, or the store is gone: its next lease check fails too
+        raise StoreError(f"{e}; the save is not complete, run it again") from None
+    return name
+
+
+def _lease(held, outcome: str) -> None:
+    try:
+        held.check()
+    except StoreError as e:
+        raise StoreError(f"{e}: a prune may have gone ahead; {outcome}") from None
 
 
 def _check_complete(blobs: dict[str, list], chunks: dict[str, list[str]]) -> None:

@@ -52,6 +52,11 @@ class HeldLock:
     def check(self) -> None:
         pass
 
+    def time_left(self) -> float | None:
+        """Seconds the lock surely stays ours (a deadline for the save's manifest PUT); None:
+        held until released (a flock)."""
+        return None
+
 
 class _NoLock:
     def __enter__(self) -> HeldLock:
@@ -131,6 +136,11 @@ class Backend:
     def put_many(self, items) -> None:
         """(name, data) pairs, `capabilities.connections` uploads in flight; raises the first error."""
         self._map(lambda kv: self.put(*kv), list(items))
+
+    def put_within(self, name: str, data: bytes, seconds: float | None) -> None:
+        """`put`, but no attempt starts or runs past `seconds` from now (TransientStoreError
+        then): the save's manifest PUT inside its lease. A store without network: `put`."""
+        self.put(name, data)
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create `name` only if no object has it (atomically, capabilities.conditional_create);

@@ -25,6 +25,7 @@ class GhaStore(OpenDALBackend):
     container = "the GitHub Actions cache"
     denied_hint = "the runtime token was refused (it expires after 6 h; a fork's pull request cannot write)"
     default_retries = 2              # a 429 is waited out for its Retry-After instead (gha_service)
+    silence_seconds = 10.0           # a write timed out after its entry was reserved would look "exists" on retry
 
     def __init__(self, url: str, jobs: int | None = None):
         p = urlparse(url)
@@ -42,7 +43,9 @@ class GhaStore(OpenDALBackend):
                          url=f"gha://{self.prefix}", endpoint=self._results, env="GHA", jobs=jobs)
         self.capabilities = self.capabilities._replace(list=False, delete=False, conditional_create=True)
         self.traffic = dict.fromkeys(("entries_down", "bytes_down", "entries_up", "bytes_up"), 0)
-        self._op = gha_service.Metered(self._op, self.traffic)
+
+    def wrap_operator(self, op):
+        return gha_service.Metered(op, self.traffic)
 
     def put(self, name: str, data: bytes) -> None:
         if not self.put_if_absent(name, data) and not name.startswith(CONTENT_NAMED):
@@ -51,14 +54,12 @@ class GhaStore(OpenDALBackend):
     def put_if_absent(self, name: str, data: bytes) -> bool:
         kw = {"chunk": MULTIPART_FROM, "concurrent": PART_JOBS} if len(data) >= MULTIPART_FROM else {}
         try:
-            self._op.write(check_name(name), bytes(data), **kw)
+            self._run("write", name, lambda op: op.write(check_name(name), bytes(data), **kw), size=len(data))
             return True
-        except Exception as e:
-            if type(e).__name__ == "AlreadyExists":
+        except StoreError as e:
+            if getattr(e, "opendal_kind", "") == "AlreadyExists":
                 return False
-            if not type(e).__module__.startswith("opendal"):
-                raise
-            raise self._error(e, "write", name) from None
+            raise
 
     def _error(self, e: Exception, action: str, name: str = "") -> StoreError:
         text = str(e)
