@@ -23,7 +23,7 @@ from reliability_util import check_store, checkout, copy_tree, run_killed, run_r
 OBJECT_PREFIXES = ("packs", "snapshots", "cache")
 RESTORE_POINTS = ["restore.marker", "restore.invalidate", "restore.remove", "restore.write", "restore.retime",
                   "restore.link", "restore.meta", "restore.publish", "restore.done"]
-SAVE_POINTS = ["save.file", "store.packs.tmp", "store.packs", "save.manifest", "store.snapshots.tmp",
+SAVE_POINTS = ["save.file", "store.packs.tmp", "store.packs", "save.manifest", "save.commit", "store.snapshots.tmp",
                "store.snapshots"]
 GC_POINTS = ["gc", "gc.trash", "gc.empty_trash"]
 
