@@ -36,9 +36,13 @@ if ! "$DOCKER" image inspect rsnap-base:bookworm >/dev/null 2>&1; then
   [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' | grep -v security | head -1 || true)
   mirror=${mirror:-http://deb.debian.org/debian}
   log "debootstrap bookworm from $mirror"
-  rm -rf "$STATE/rootfs"
-  debootstrap --variant=minbase bookworm "$STATE/rootfs" "$mirror" >"$STATE/debootstrap.log" 2>&1 \
-    || { tail -20 "$STATE/debootstrap.log" >&2; exit 1; }
+  for attempt in 1 2 3; do   # a mirror's transient download failure must not fail CI
+    rm -rf "$STATE/rootfs"
+    debootstrap --variant=minbase bookworm "$STATE/rootfs" "$mirror" >"$STATE/debootstrap.log" 2>&1 && break
+    tail -5 "$STATE/debootstrap.log" >&2
+    [ "$attempt" = 3 ] && { log "debootstrap failed 3 times"; exit 1; }
+    log "debootstrap attempt $attempt failed; retrying in $((attempt * 10)) s"; sleep $((attempt * 10))
+  done
   tar -C "$STATE/rootfs" -c . | "$DOCKER" import - rsnap-base:bookworm >/dev/null
   rm -rf "$STATE/rootfs"
 fi
@@ -61,7 +65,11 @@ COPY rust /usr/local/rust
 ENV PATH=/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN rustc -V && cargo -V
 DOCKERFILE
-  "$DOCKER" build --network=host -q -t "$tag" "$ctx" >&2
+  for attempt in 1 2 3; do   # its apt-get downloads too
+    "$DOCKER" build --network=host -q -t "$tag" "$ctx" >&2 && break
+    [ "$attempt" = 3 ] && { log "building $tag failed 3 times"; exit 1; }
+    sleep $((attempt * 10))
+  done
   rm -rf "$ctx"
 fi
 echo "rust-image $tag"

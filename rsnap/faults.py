@@ -2,8 +2,9 @@
 
     RSNAP_FAULT=<pattern>:<n>[:<action>]
 
-`pattern` is an fnmatch glob over fault point names ("restore.write", "save.pack",
-"store.put.tmp", ...); the n-th hit (1-based, counted over all matching points in this
+`pattern` is an fnmatch glob over fault point names ("restore.write", "store.packs.tmp",
+"remote.put.snapshots", "prune.packs", "cache.entry", ...: tests/test_fault_points.py
+finds them all in the sources and kills each one); the n-th hit (1-based, counted over all matching points in this
 process) triggers `action`: `kill` (default: SIGKILL, like kill -9 or a runner dying),
 `stop` (SIGSTOP: the test decides when it goes on), `enospc`, `eio`, `eacces` (raise that
 OSError at the point). RSNAP_FAULT_TRACE=<file>

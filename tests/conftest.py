@@ -14,6 +14,11 @@ built_workspace (session)   a Workspace built once per session (don't mutate; co
 template_output (session)   clean-build app output of the unedited template, normalized (<ROOT>)
 moto_server, fault_proxy    S3 server and fault proxy (tests/s3_fixtures.py)
 
+RSNAP_TEST_REQUIRE=all (set by .ci/run): every skip is a failure, so CI cannot go green with an
+area (BuildKit, Earthly, tmpfs, read-only store, capability drop, gc, a second toolchain, moto)
+left untested. Without it, tests skip where the machine lacks something. Either way the run
+ends with the list of skips.
+
 Set RSNAP_TEST_REGISTRY_PORT to pin the registry port (cargo's registry dir names
 under $CARGO_HOME hash the index URL, so they change with the port).
 """
@@ -21,6 +26,7 @@ under $CARGO_HOME hash the index URL, so they change with the port).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +36,33 @@ from cargo_util import (LAYOUTS, Workspace, cargo_env as _cargo_env, create_work
 from fixtures.tools import cargohome
 
 pytest_plugins = ["s3_fixtures", "buildkit_fixtures", "gha_fixtures"]  # moto_server, fault_proxy; buildkit, buildkit_session; azurite, gha_server, gha_store
+
+REQUIRE_ALL = os.environ.get("RSNAP_TEST_REQUIRE") == "all"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under RSNAP_TEST_REQUIRE=all a skip (in setup or in the test) is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"RSNAP_TEST_REQUIRE=all: CI must not skip this test ({reason})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The last lines of every run: what was skipped and why (empty under RSNAP_TEST_REQUIRE=all)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.section(f"rsnap: {len(skipped)} skipped", sep="-")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"SKIPPED {rep.nodeid}: {reason}")
+    util = sys.modules.get("reliability_util")
+    if util and util.LANDED_KILLS:
+        kills = util.LANDED_KILLS
+        terminalreporter.write_line(f"rsnap: {sum(kills.values())} kills landed at {len(kills)} fault points: "
+                                    + ", ".join(f"{k}={v}" for k, v in sorted(kills.items())))
 
 
 @pytest.fixture(scope="session")

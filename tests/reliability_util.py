@@ -9,6 +9,7 @@ import collections
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,11 +36,35 @@ def run_rsnap(ws, store: Path, *args: str, env_extra: dict | None = None, preexe
     return RsnapResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+# Kills that landed in this pytest process, by fault point: conftest prints them at the end.
+LANDED_KILLS: collections.Counter = collections.Counter()
+
+
+def run_killed(ws, store: Path, spec: str, *args: str, env_extra: dict | None = None) -> RsnapResult:
+    """Run rsnap with RSNAP_FAULT=`spec` (a kill): it must die by SIGKILL, i.e. at that point,
+    since nothing else here sends SIGKILL. An exit 0 means the point was never reached: a failure."""
+    res = run_rsnap(ws, store, *args, env_extra={**(env_extra or {}), "RSNAP_FAULT": spec})
+    assert res.returncode == -signal.SIGKILL, \
+        f"the kill at {spec} did not land: `rsnap {' '.join(args)}` exited {res.returncode}\n{res.stderr[-2000:]}"
+    LANDED_KILLS[spec.split(":")[0]] += 1
+    return res
+
+
 def start_rsnap(ws, store: Path, *args: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**ws.env, "RSNAP_STORE": str(store), **(env_extra or {})}
     env.pop("CI", None)
     return subprocess.Popen([sys.executable, "-m", "rsnap", *args], cwd=ws.root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_stderr(proc: subprocess.Popen, text: str) -> str:
+    """Read `proc`'s stderr until a line contains `text` (an event, not a time); fail if it exits first."""
+    seen = ""
+    while line := proc.stderr.readline():
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"exited ({proc.wait()}) without printing {text!r}:\n{seen[-2000:]}")
 
 
 def trace_points(ws, store: Path, tmp: Path, *args: str) -> tuple[RsnapResult, collections.Counter, list[str]]:

@@ -20,6 +20,7 @@ import pytest
 from cargo_util import REPO_ROOT, normalize_output, run_cargo_json
 from fixtures.tools import mkgitdep
 from fixtures.tools.common import git
+from reliability_util import LANDED_KILLS
 from rsnap.cargo import gc, gc_cargo_home, hashes, usage
 from rsnap.cargo import layout as cargo_layout
 
@@ -400,61 +401,57 @@ _GC_SCRIPT = ("import sys, json; from pathlib import Path; from rsnap.cargo impo
               "print(json.dumps(gc.collect(ws)))")
 
 
-def _gc_subprocess(ws, env_extra=None, kill_after: float | None = None):
+def _gc_subprocess(ws, env_extra=None):
     env = {**ws.env, "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-c", _GC_SCRIPT, str(ws.target), str(ws.cargo_home)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        proc.send_signal(signal.SIGKILL)
-    out, err = proc.communicate()
-    return proc.returncode, out, err
+    proc = subprocess.run([sys.executable, "-c", _GC_SCRIPT, str(ws.target), str(ws.cargo_home)],
+                          env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_gc_killed_at_random_points_next_build_correct(make_workspace, template_output, tmp_path):
+    """kill -9 of GC after its k-th deletion, before a move to the trash and while emptying it:
+    the next build is correct, and a complete GC then reaches what an uninterrupted one does."""
     ws = make_workspace()
     tpl = _stale_rich_target(ws)
     store = tmp_path / "store"
     rsnap_cli(ws, "save", store=store)
     core_src = ws.read("crates/core/src/lib.rs")
 
-    # how many deletions a full GC does from this state
+    # how many deletions a full GC does from this state, and the units it leaves
     usage.arm(lay(ws))
     ws.build()
     rc, out, err = _gc_subprocess(ws)
     assert rc == 0, err
     total = json.loads(out)["deletions"]
     assert total > 20
+    units_after_gc = fingerprint_dirs(ws.target)
 
     rng = random.Random(int(os.environ.get("RSNAP_TEST_SEED", "3")))
-    trials = [("fault", n) for n in sorted(rng.sample(range(1, total), 5))] + \
-             [("sigkill", rng.uniform(0.0, 0.25)) for _ in range(2)]
+    trials = [("gc", n) for n in sorted(rng.sample(range(1, total), 5))] + [("gc.trash", 1), ("gc.empty_trash", 1)]
     edited_output = None
-    for kind, arg in trials:
+    for point, k in trials:
         shutil.rmtree(ws.target)
         shutil.copytree(tpl, ws.target, symlinks=True)
         usage.arm(lay(ws))
         ws.build()
-        if kind == "fault":
-            rc, _out, err = _gc_subprocess(ws, {"RSNAP_FAULT": f"gc:{arg}"})
-            assert rc == -signal.SIGKILL, f"fault hook did not fire at {arg}: {err}"
-        else:
-            _gc_subprocess(ws, kill_after=arg)
+        rc, _out, err = _gc_subprocess(ws, {"RSNAP_FAULT": f"{point}:{k}"})
+        assert rc == -signal.SIGKILL, f"the kill at {point}:{k} did not land: {err}"
+        LANDED_KILLS[point] += 1
         # the next build is correct (it may recompile) ...
         res = ws.build()
-        assert normalize_output(ws.run_app(), ws.root) == template_output, (kind, arg, res.summary())
+        assert normalize_output(ws.run_app(), ws.root) == template_output, (point, k, res.summary())
         assert_fresh(ws)
         # ... also after an edit that reuses incremental sessions GC was deleting
         ws.write("crates/core/src/lib.rs", core_src + "\n// edited after an interrupted gc\n")
         ws.build()
         edited_output = edited_output or ws.clean_output()
-        assert ws.run_app() == edited_output, (kind, arg)
+        assert ws.run_app() == edited_output, (point, k)
         ws.write("crates/core/src/lib.rs", core_src)
-        # and a complete GC afterwards cleans up, including the trash
+        # and a complete GC afterwards cleans up, trash included, to the uninterrupted GC's units
         ws.build()
-        report = gc.collect(lay(ws))
+        gc.collect(lay(ws))
         assert not (ws.target / ".rsnap" / "trash").exists()
-        assert report["removed"]["units"] >= 0
+        assert fingerprint_dirs(ws.target) == units_after_gc, (point, k)
         assert_fresh(ws)
 
     # the snapshot store is intact: restore into an empty target works and is fresh

@@ -6,6 +6,7 @@ the proxy (tests/fault_proxy.py), which also counts requests and bytes.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from cargo_util import create_workspace
+from reliability_util import wait_for_stderr
 from rsnap_util import rsnap, one_line_error, cold_runner
 
 pytest.importorskip("opendal", reason="the opendal wheel is not installed")
@@ -269,13 +271,15 @@ def test_prune_racing_a_save_never_leaves_a_dangling_manifest(s3, saved):
     save = _start(s3, ws, "save", "--json", env={"RSNAP_FAULT": "save.file:1:stop"})
     _wait_stopped(save)
     prune = _start(s3, ws, "store", "prune", "--keep", "1", "--older-than", "0s", "--grace", "0", "--json")
-    time.sleep(2)                      # < lock stale (4 s): the save's lock is fresh, prune waits
-    assert prune.poll() is None
-    save.send_signal(signal.SIGCONT)
+    wait_for_stderr(prune, "waiting for the lock")   # the save's lock is fresh: prune waits
+    save.send_signal(signal.SIGCONT)                 # (within the 4 s before that lock goes stale)
     out, err = save.communicate(timeout=300)
     pout, perr = prune.communicate(timeout=300)
     assert save.returncode == 0 and prune.returncode == 0, (err, perr)
-    complete(s3.store())
+    # prune listed after the save's manifest was written: it deleted that snapshot (--older-than 0s)
+    # or kept it whole (unused for not quite 0 s by the store's clock)
+    new = json.loads(out)["snapshot"]
+    assert new in {r["snapshot"] for r in json.loads(pout)["removed"]} | set(complete(s3.store())), pout
     # 2. a save suspended past the lock's stale timeout: prune goes ahead and deletes what the
     # save meant to reuse; the save must notice and write no manifest
     save = _start(s3, ws, "save", "--json", env={"RSNAP_FAULT": "save.file:1:stop"})

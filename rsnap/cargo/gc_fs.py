@@ -153,6 +153,7 @@ class Deleter:
                 if trash is not None:
                     trash.mkdir(parents=True, exist_ok=True)
                     self.n += 1
+                    _fault_point("gc.trash")   # the trash dir exists, nothing moved yet
                     try:
                         os.rename(path, trash / f"{os.getpid()}-{self.n}-{path.name}")
                         moved = True
@@ -177,6 +178,7 @@ class Deleter:
         for r in self.roots:
             trash = r / RSNAP_DIR / TRASH
             if trash.is_dir():
+                _fault_point("gc.empty_trash")
                 shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -84,6 +84,7 @@ import time
 import xxhash
 import zstandard
 
+from .. import faults
 from . import stats as wrapper_stats
 from .cache_key import (PHASES, CorruptEntry, Prepared, Uncacheable, depinfo_pass, env_dep_names, hash_strings,
                         prepare)
@@ -154,6 +155,7 @@ def write_output(path: str, data: bytes, mode: int) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, mode & 0o7777)
+        faults.point("cache.output")   # a hit's output written under its temp name
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -384,12 +386,14 @@ def store_entry(store, prep: Prepared, stdout: bytes, stderr: bytes, compile_s: 
     if embedded:
         marker = marker_entry()
         store.put(object_name(prep.key), marker)
+        faults.point("cache.marker")   # the marker names an entry not yet written
         store.put(object_name(prep.path_key()), entry)
         written = len(marker) + len(entry)
         counts["misses_path_dependent"] = 1
     else:
         store.put(object_name(prep.key), entry)
         written = len(entry)
+    faults.point("cache.entry")   # the entry is stored, its direct-mode manifest not yet
     written += write_manifest(store, prep)
     counts.update(bytes_written=written, entries_written=1, writes_since_size_check=1)
     return f"path-dependent:{embedded}" if embedded else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .. import faults
 from ..errors import StoreError
 from . import cache_bundle
 from .local import LocalStore
@@ -50,6 +51,7 @@ def sync_cache_down(store, limit: int | None = None) -> dict:
         with ThreadPoolExecutor(min(remote.capabilities.connections, len(names))) as pool:
             for name, data in zip(names, pool.map(remote.get, names)):
                 local.put(name, data)
+                faults.point("cache_sync.down")
     return {"cache_entries_downloaded": len(names), "cache_bytes_downloaded": sum(s for _n, s in want)}
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from urllib.parse import urlparse
 
+from .. import faults
 from ..errors import NotFoundError, PermanentStoreError, StoreError, TransientStoreError
 from .base import Backend, Capabilities, check_name
 
@@ -245,8 +246,10 @@ class OpenDALBackend(Backend):
     def put_within(self, name: str, data: bytes, seconds: float | None) -> None:
         kw = {"chunk": MULTIPART_FROM, "concurrent": PART_JOBS} if len(data) >= MULTIPART_FROM else {}
         deadline = None if seconds is None else time.monotonic() + seconds
+        faults.point(f"remote.put.{name.split('/')[0]}")   # before the request: nothing sent
         self._run("write", name, lambda op: op.write(check_name(name), bytes(data), **kw), size=len(data),
                   deadline=deadline)
+        faults.point(f"remote.{name.split('/')[0]}")       # the object is visible
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         if not self.capabilities.conditional_create:
@@ -262,6 +265,7 @@ class OpenDALBackend(Backend):
 
     def delete(self, name: str) -> None:
         self._run("delete", name, lambda op: op.delete(check_name(name)))
+        faults.point(f"remote.delete.{name.split('/')[0]}")
 
     def touch(self, name: str) -> None:
         """A no-op: an object store cannot change an object's mtime without rewriting it, and

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import threading
 
+from .. import faults
 from ..digest import digest_bytes, hash_file
 from ..errors import StoreError
 from .base import Backend
@@ -121,6 +122,7 @@ class TieredStore(Backend):
     def _fill(self, name: str, data: bytes, read: bool = True) -> None:
         """Keep a copy of what was read (`read`) or written; a pack whose bytes do not hash to
         its id is not kept (and when read, refused with StoreError)."""
+        faults.point("tier.fill")   # a copy about to be kept in the local tier
         want = pack_id_of(name)
         if want is not None and digest_bytes(data) != want:
             if read:
