@@ -28,6 +28,7 @@ import pytest
 
 from cargo_util import Workspace, normalize_output
 from rsnap_util import RsnapResult, one_line_error
+from s3_fixtures import proxied_bucket
 
 pytest.importorskip("opendal", reason="the opendal wheel is not installed")
 STALE = "4"
@@ -36,16 +37,9 @@ STALE = "4"
 @pytest.fixture
 def bucket(moto_server, fault_proxy, monkeypatch):
     """A fresh bucket behind the fault proxy; this process's AWS environment points at it."""
-    name = f"lease-{time.monotonic_ns()}"
-    moto_server.create_bucket(name)
-    for k in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(k)
-    env = moto_server.env(fault_proxy.endpoint)
-    env = {k: v for k, v in env.items() if k.startswith("AWS_")}
-    env.update(RSNAP_S3_RETRIES="3", RSNAP_S3_RETRY_MIN_DELAY="0.02", RSNAP_S3_LOCK_STALE=STALE,
-               RSNAP_LOCK_WAIT="60", RSNAP_CACHE_SYNC="0")
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    name, env = proxied_bucket(moto_server, fault_proxy, monkeypatch, "lease", RSNAP_S3_RETRIES="3",
+                               RSNAP_S3_RETRY_MIN_DELAY="0.02", RSNAP_S3_LOCK_STALE=STALE,
+                               RSNAP_LOCK_WAIT="60", RSNAP_CACHE_SYNC="0")
     return types.SimpleNamespace(url=f"s3://{name}/ci", env=env, proxy=fault_proxy, name=name)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from rsnap.errors import EXIT_LOCKED, RsnapError, StoreError
 from rsnap.store import s3
+from s3_fixtures import proxied_bucket
 
 pytest.importorskip("opendal", reason="the opendal wheel is not installed: pip install opendal")
 SECRET = "wJalrXUtnFEMI-K7MDENG-sekrit-must-not-leak"
@@ -20,15 +21,9 @@ SECRET = "wJalrXUtnFEMI-K7MDENG-sekrit-must-not-leak"
 @pytest.fixture
 def env(moto_server, fault_proxy, monkeypatch):
     """A fresh bucket; the AWS environment points at the proxy; retries quick."""
-    bucket = f"rsnap-{time.monotonic_ns()}"
-    moto_server.create_bucket(bucket)
-    for k in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(k)
-    e = moto_server.env(fault_proxy.endpoint)
-    e.update(AWS_SECRET_ACCESS_KEY=SECRET, RSNAP_S3_RETRIES="3", RSNAP_S3_RETRY_MIN_DELAY="0.02",
-             RSNAP_S3_LOCK_STALE="3", RSNAP_LOCK_WAIT="1")
-    for k, v in e.items():
-        monkeypatch.setenv(k, v)
+    bucket, _env = proxied_bucket(moto_server, fault_proxy, monkeypatch, "rsnap", AWS_SECRET_ACCESS_KEY=SECRET,
+                                  RSNAP_S3_RETRIES="3", RSNAP_S3_RETRY_MIN_DELAY="0.02",
+                                  RSNAP_S3_LOCK_STALE="3", RSNAP_LOCK_WAIT="1")
     return {"bucket": bucket, "url": f"s3://{bucket}/ci/base", "proxy": fault_proxy, "env": dict(os.environ)}
 
 
