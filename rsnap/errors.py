@@ -20,6 +20,8 @@ class RsnapError(Exception):
 
 
 class StoreError(RsnapError):
+    opendal_kind = ""   # the OpenDAL error class behind it, if any (e.g. "AlreadyExists")
+
     def __init__(self, message: str):
         super().__init__(message, EXIT_STORE)
 

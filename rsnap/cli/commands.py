@@ -222,8 +222,7 @@ def find_in_scopes(store: str | None, scope: str | None, read_scope: list[str] |
 
 def _traffic(st) -> dict | None:
     """Entries and bytes a store that counts them moved (gha://: the job summary's "moved" line)."""
-    traffic = getattr(getattr(st, "remote", st), "traffic", None)
-    return dict(traffic) if traffic else None
+    return dict(st.traffic) if st.traffic else None
 
 
 def _timings() -> dict:

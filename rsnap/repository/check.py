@@ -73,16 +73,6 @@ def _authority(store):
     return store.remote if isinstance(store, TieredStore) else store
 
 
-def _parallel(store, fn, items: list) -> list:
-    """fn over items, `capabilities.connections` at once."""
-    jobs = min(store.capabilities.connections, len(items))
-    if jobs <= 1:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(fn, items))
-
-
 def _read_tables(store, names: list[str]):
     """(name -> blob table of each readable manifest, name -> problems of the damaged ones,
     names of manifests from a newer rsnap: not damage, never dropped). A manifest that vanished
@@ -99,7 +89,7 @@ def _read_tables(store, names: list[str]):
         except FormatError as e:
             return "newer" if _newer_format(data) else f"manifest unreadable: {e}"
     tables, damaged, newer = {}, {}, []
-    for name, got in zip(names, _parallel(source, read, names)):
+    for name, got in zip(names, source.map_parallel(read, names)):
         if isinstance(got, dict):
             tables[name] = got
         elif got == "newer":
@@ -144,7 +134,7 @@ def _read_data(store, tables: dict[str, dict], skip: set[str]) -> tuple[dict[tup
                 bad[blob] = f"corrupt (blob {digest} fails verification)"
         return bad, len(data)
     try:
-        results = _parallel(source, verify, sorted(by_pack))
+        results = source.map_parallel(verify, sorted(by_pack))
     finally:
         os.close(null)
     corrupt = {blob: why for bad, _n in results for blob, why in bad.items()}

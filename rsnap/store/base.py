@@ -79,6 +79,7 @@ class Backend:
     capabilities: Capabilities = Capabilities()
     remote_store: bool = False
     clock_offset: float = 0.0   # the store's clock minus ours, once the lock layer measured it
+    traffic: dict | None = None  # entries and bytes moved, for a store that counts them (gha)
 
     # -- every backend -------------------------------------------------------------------
     def exists(self, name: str) -> bool:
@@ -126,16 +127,16 @@ class Backend:
     def missing(self, names) -> list[str]:
         """Those of `names` not in the store (a save re-checks its reused packs with this)."""
         names = list(names)
-        return [n for n, ok in zip(names, self._map(self.exists, names)) if not ok]
+        return [n for n, ok in zip(names, self.map_parallel(self.exists, names)) if not ok]
 
     def get_many(self, names) -> dict[str, bytes]:
         """Whole objects, `capabilities.connections` requests in flight; raises the first error."""
         names = list(names)
-        return dict(zip(names, self._map(self.get, names)))
+        return dict(zip(names, self.map_parallel(self.get, names)))
 
     def put_many(self, items) -> None:
         """(name, data) pairs, `capabilities.connections` uploads in flight; raises the first error."""
-        self._map(lambda kv: self.put(*kv), list(items))
+        self.map_parallel(lambda kv: self.put(*kv), list(items))
 
     def put_within(self, name: str, data: bytes, seconds: float | None) -> None:
         """`put`, but no attempt starts or runs past `seconds` from now (TransientStoreError
@@ -148,7 +149,7 @@ class Backend:
         raise PermanentStoreError(f"store {self.url} cannot create objects conditionally")
 
     def delete_many(self, names) -> None:
-        self._map(self.delete, list(names))
+        self.map_parallel(self.delete, list(names))
 
     def fill(self, names) -> int | None:
         """Copy objects into a local tier ahead of reading them; returns the bytes fetched,
@@ -166,7 +167,8 @@ class Backend:
         from .lock import lock_objects
         return lock_objects(self, exclusive)
 
-    def _map(self, fn, items: list) -> list:
+    def map_parallel(self, fn, items: list) -> list:
+        """fn over items, `capabilities.connections` at once, results in order."""
         jobs = min(self.capabilities.connections, len(items))
         if jobs <= 1:
             return [fn(x) for x in items]

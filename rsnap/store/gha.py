@@ -57,7 +57,7 @@ class GhaStore(OpenDALBackend):
             self._run("write", name, lambda op: op.write(check_name(name), bytes(data), **kw), size=len(data))
             return True
         except StoreError as e:
-            if getattr(e, "opendal_kind", "") == "AlreadyExists":
+            if e.opendal_kind == "AlreadyExists":
                 return False
             raise
 

@@ -232,7 +232,7 @@ class OpenDALBackend(Backend):
             try:
                 data = self._run("read", name, lambda op: op.read(name, offset=offset, size=length))
             except StoreError as e:
-                if getattr(e, "opendal_kind", "") == "RangeNotSatisfied":
+                if e.opendal_kind == "RangeNotSatisfied":
                     raise StoreError(f"store object {name} is truncated") from None
                 raise
             if len(data) == length:
@@ -259,7 +259,7 @@ class OpenDALBackend(Backend):
                       size=len(data))
             return True
         except StoreError as e:
-            if getattr(e, "opendal_kind", "") in ("ConditionNotMatch", "AlreadyExists"):
+            if e.opendal_kind in ("ConditionNotMatch", "AlreadyExists"):
                 return False
             raise
 

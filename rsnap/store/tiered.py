@@ -45,6 +45,10 @@ class TieredStore(Backend):
         self._verified: set[str] = set()    # local copies found good by this command
         self._verify_lock = threading.Lock()
 
+    @property
+    def traffic(self) -> dict | None:
+        return self.remote.traffic
+
     def _local_ok(self, name: str) -> bool:
         """True if the local tier has a good copy of `name`; a bad one is evicted."""
         if name in self._verified:
