@@ -93,12 +93,21 @@ def test_round_trip_fresh_clone_compiles_nothing(gha, saved):
     assert ws.run_app() == ws.expected_output
 
 
-def test_second_save_after_a_one_line_change_uploads_only_new_packs(gha, saved):
-    ws = saved
+def _set_revision(ws, rev: int | str) -> None:
+    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {rev};")
+
+
+def _edited_on_pristine(gha, ws, rev: int | str) -> None:
+    """A cold runner restores the pristine snapshot, then the app is edited to `rev` and built."""
     cold_runner(ws)
     gha.run(ws, "restore", "--key", PRISTINE, "--json").check()
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
+    _set_revision(ws, rev)
     ws.build("build", "--offline")
+
+
+def test_second_save_after_a_one_line_change_uploads_only_new_packs(gha, saved):
+    ws = saved
+    _edited_on_pristine(gha, ws, 3)
     packs_before, entries_before = set(gha.packs()), len(gha.server.entries())
     gha.delta()
     res = gha.run(ws, "save", "--key", "gha-edit", "--json").check().data
@@ -111,7 +120,7 @@ def test_second_save_after_a_one_line_change_uploads_only_new_packs(gha, saved):
     assert got["bytes_up"] <= 0.20 * saved.first_save["bytes_up"], (got["bytes_up"], saved.first_save["bytes_up"])
     # restoring that newest snapshot on a cold runner with the same edit compiles nothing
     cold_runner(ws)
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 3;")
+    _set_revision(ws, 3)
     assert gha.run(ws, "restore", "--key", "gha-edit", "--json").check().data["result"] == "exact"
     assert ws.build("build", "--offline").all_fresh()
     assert "rev=3" in ws.run_app()
@@ -142,10 +151,7 @@ def test_concurrent_saves_of_one_key_leave_complete_snapshots(gha, saved, tmp_pa
 
 def test_throttled_save_waits_out_retry_after(gha, saved):
     ws = saved
-    cold_runner(ws)
-    gha.run(ws, "restore", "--key", PRISTINE, "--json").check()
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", "const APP_REVISION: u32 = 4;")
-    ws.build("build", "--offline")
+    _edited_on_pristine(gha, ws, 4)
     gha.server.throttle(4, retry_after=1, methods={"CreateCacheEntry"})
     gha.delta()
     res = gha.run(ws, "save", "--key", "gha-throttled", "--json")
@@ -156,10 +162,7 @@ def test_throttled_save_waits_out_retry_after(gha, saved):
 
 def _edit_snapshot_packs(gha, ws, rev: str) -> tuple[str, set[str]]:
     """Save the app edited to `rev` on top of the pristine snapshot: (key, the packs only it has)."""
-    cold_runner(ws)
-    gha.run(ws, "restore", "--key", PRISTINE, "--json").check()
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {rev};")
-    ws.build("build", "--offline")
+    _edited_on_pristine(gha, ws, rev)
     before = set(gha.packs())
     key = f"gha-damage-{rev}"
     gha.run(ws, "save", "--key", key, "--json").check()
@@ -179,7 +182,7 @@ def test_damaged_packs_rebuild_only_their_units(gha, saved, damage):
     else:
         assert gha.server.corrupt(lambda k: k in own)
     cold_runner(ws)
-    ws.replace("crates/app/src/main.rs", "const APP_REVISION: u32 = 1;", f"const APP_REVISION: u32 = {rev};")
+    _set_revision(ws, rev)
     res = gha.run(ws, "restore", "--key", key, "--json")
     assert res.returncode == 0, res.stderr
     build = ws.build("build", "--offline")
